@@ -1,0 +1,1 @@
+"""The REST edge: Envoy configuration compiler, OpenAPI generator and rate-limit service."""
