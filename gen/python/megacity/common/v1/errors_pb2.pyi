@@ -49,6 +49,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The resource changed concurrently; re-read and retry."""
     ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 12
     """A page_token that this server did not issue, or issued for a different query."""
+    ERROR_REASON_RESOURCE_IN_USE: _ErrorReason.ValueType  # 13
+    """The resource is referenced by others (an item served in attempts, an exam with attempts) and cannot be
+    deleted; retire or archive it instead.
+    """
+    ERROR_REASON_INVALID_STATE_TRANSITION: _ErrorReason.ValueType  # 14
+    """The resource's current state does not allow this change (publishing an archived exam, completing a
+    cancelled session). Metadata: `state`, the current state.
+    """
     ERROR_REASON_TOKEN_MISSING: _ErrorReason.ValueType  # 20
     """--- People: tokens, accounts, permissions --------------------------------------------------------
     No bearer token where one is required.
@@ -93,6 +101,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The organisation is suspended."""
     ERROR_REASON_AUDIT_CHAIN_BROKEN: _ErrorReason.ValueType  # 40
     """The audit chain is broken at the record named in the metadata."""
+    ERROR_REASON_MFA_ALREADY_ENABLED: _ErrorReason.ValueType  # 41
+    """MFA enrolment was asked for while MFA is already on."""
+    ERROR_REASON_MFA_NOT_ENABLED: _ErrorReason.ValueType  # 42
+    """An MFA operation (confirm, disable, new recovery codes) needs MFA enrolled or enabled first."""
+    ERROR_REASON_MFA_CHALLENGE_INVALID: _ErrorReason.ValueType  # 43
+    """The login MFA challenge token is unknown, expired or already answered: log in again."""
+    ERROR_REASON_ROLE_NOT_ALLOWED: _ErrorReason.ValueType  # 44
+    """The role does not fit the operation: linking a parent to a non-student, an invite or user creation granting
+    a role above the caller's own (metadata: `role`).
+    """
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 50
     """--- Limits ---------------------------------------------------------------------------------------
     A rate limit was hit (QuotaFailure says which; metadata: `retry_after_seconds`).
@@ -103,6 +121,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The server is at its bound of concurrent streams or queued work; retry later."""
     ERROR_REASON_PAYLOAD_TOO_LARGE: _ErrorReason.ValueType  # 53
     """The request or one of its chunks is larger than allowed."""
+    ERROR_REASON_CREDITS_NOT_RESERVED: _ErrorReason.ValueType  # 54
+    """Commit or release of credits for a job id that holds no reservation."""
+    ERROR_REASON_PLAN_LIMIT_REACHED: _ErrorReason.ValueType  # 55
+    """The org's plan does not allow more of this now (concurrent jobs, per-user monthly credits); QuotaFailure
+    says which limit.
+    """
     ERROR_REASON_ATTEMPT_CLOSED: _ErrorReason.ValueType  # 60
     """--- Exams ----------------------------------------------------------------------------------------
     The attempt is finished, expired or abandoned.
@@ -115,6 +139,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The item bank has no eligible item left for this attempt."""
     ERROR_REASON_IMPORT_INVALID: _ErrorReason.ValueType  # 64
     """A bulk item import has errors (BadRequest names row and field of each)."""
+    ERROR_REASON_CALIBRATION_INSUFFICIENT_DATA: _ErrorReason.ValueType  # 65
+    """Too few stored responses to calibrate the requested items (metadata: `min_responses`)."""
     ERROR_REASON_UNSUPPORTED_AUDIO_FORMAT: _ErrorReason.ValueType  # 70
     """--- Streams, media and models --------------------------------------------------------------------
     Audio not in the expected encoding or sample rate (PCM16 mono 16 kHz).
@@ -133,6 +159,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The job is in a terminal state and cannot be changed."""
     ERROR_REASON_LLM_UNAVAILABLE: _ErrorReason.ValueType  # 77
     """The LLM engine and its fallback are both unavailable."""
+    ERROR_REASON_REFERENCE_NOT_READY: _ErrorReason.ValueType  # 78
+    """The reference song or choreography exists but its extraction has not finished (or failed)."""
+    ERROR_REASON_UNSUPPORTED_MEDIA_TYPE: _ErrorReason.ValueType  # 79
+    """An uploaded file's media type is not one this endpoint accepts (metadata: `content_type`)."""
+    ERROR_REASON_LANGUAGE_NOT_SUPPORTED: _ErrorReason.ValueType  # 80
+    """The requested language is not supported by the model (metadata: `language`)."""
+    ERROR_REASON_FRAME_TIMESTAMP_INVALID: _ErrorReason.ValueType  # 81
+    """A frame's timestamp is missing or not after the previous frame's (video mode needs increasing timestamps)."""
+    ERROR_REASON_MODEL_UNKNOWN: _ErrorReason.ValueType  # 82
+    """The named model is not served by this inference server (metadata: `model`)."""
+    ERROR_REASON_PROMPT_TOO_LONG: _ErrorReason.ValueType  # 83
+    """The prompt does not fit the model's context window (metadata: `max_tokens`)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The platform's stable error reasons.
@@ -173,6 +211,14 @@ ERROR_REASON_CONCURRENT_MODIFICATION: ErrorReason.ValueType  # 11
 """The resource changed concurrently; re-read and retry."""
 ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 12
 """A page_token that this server did not issue, or issued for a different query."""
+ERROR_REASON_RESOURCE_IN_USE: ErrorReason.ValueType  # 13
+"""The resource is referenced by others (an item served in attempts, an exam with attempts) and cannot be
+deleted; retire or archive it instead.
+"""
+ERROR_REASON_INVALID_STATE_TRANSITION: ErrorReason.ValueType  # 14
+"""The resource's current state does not allow this change (publishing an archived exam, completing a
+cancelled session). Metadata: `state`, the current state.
+"""
 ERROR_REASON_TOKEN_MISSING: ErrorReason.ValueType  # 20
 """--- People: tokens, accounts, permissions --------------------------------------------------------
 No bearer token where one is required.
@@ -217,6 +263,16 @@ ERROR_REASON_ORG_SUSPENDED: ErrorReason.ValueType  # 39
 """The organisation is suspended."""
 ERROR_REASON_AUDIT_CHAIN_BROKEN: ErrorReason.ValueType  # 40
 """The audit chain is broken at the record named in the metadata."""
+ERROR_REASON_MFA_ALREADY_ENABLED: ErrorReason.ValueType  # 41
+"""MFA enrolment was asked for while MFA is already on."""
+ERROR_REASON_MFA_NOT_ENABLED: ErrorReason.ValueType  # 42
+"""An MFA operation (confirm, disable, new recovery codes) needs MFA enrolled or enabled first."""
+ERROR_REASON_MFA_CHALLENGE_INVALID: ErrorReason.ValueType  # 43
+"""The login MFA challenge token is unknown, expired or already answered: log in again."""
+ERROR_REASON_ROLE_NOT_ALLOWED: ErrorReason.ValueType  # 44
+"""The role does not fit the operation: linking a parent to a non-student, an invite or user creation granting
+a role above the caller's own (metadata: `role`).
+"""
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 50
 """--- Limits ---------------------------------------------------------------------------------------
 A rate limit was hit (QuotaFailure says which; metadata: `retry_after_seconds`).
@@ -227,6 +283,12 @@ ERROR_REASON_CAPACITY_EXCEEDED: ErrorReason.ValueType  # 52
 """The server is at its bound of concurrent streams or queued work; retry later."""
 ERROR_REASON_PAYLOAD_TOO_LARGE: ErrorReason.ValueType  # 53
 """The request or one of its chunks is larger than allowed."""
+ERROR_REASON_CREDITS_NOT_RESERVED: ErrorReason.ValueType  # 54
+"""Commit or release of credits for a job id that holds no reservation."""
+ERROR_REASON_PLAN_LIMIT_REACHED: ErrorReason.ValueType  # 55
+"""The org's plan does not allow more of this now (concurrent jobs, per-user monthly credits); QuotaFailure
+says which limit.
+"""
 ERROR_REASON_ATTEMPT_CLOSED: ErrorReason.ValueType  # 60
 """--- Exams ----------------------------------------------------------------------------------------
 The attempt is finished, expired or abandoned.
@@ -239,6 +301,8 @@ ERROR_REASON_ITEM_POOL_EXHAUSTED: ErrorReason.ValueType  # 63
 """The item bank has no eligible item left for this attempt."""
 ERROR_REASON_IMPORT_INVALID: ErrorReason.ValueType  # 64
 """A bulk item import has errors (BadRequest names row and field of each)."""
+ERROR_REASON_CALIBRATION_INSUFFICIENT_DATA: ErrorReason.ValueType  # 65
+"""Too few stored responses to calibrate the requested items (metadata: `min_responses`)."""
 ERROR_REASON_UNSUPPORTED_AUDIO_FORMAT: ErrorReason.ValueType  # 70
 """--- Streams, media and models --------------------------------------------------------------------
 Audio not in the expected encoding or sample rate (PCM16 mono 16 kHz).
@@ -257,4 +321,16 @@ ERROR_REASON_JOB_FINISHED: ErrorReason.ValueType  # 76
 """The job is in a terminal state and cannot be changed."""
 ERROR_REASON_LLM_UNAVAILABLE: ErrorReason.ValueType  # 77
 """The LLM engine and its fallback are both unavailable."""
+ERROR_REASON_REFERENCE_NOT_READY: ErrorReason.ValueType  # 78
+"""The reference song or choreography exists but its extraction has not finished (or failed)."""
+ERROR_REASON_UNSUPPORTED_MEDIA_TYPE: ErrorReason.ValueType  # 79
+"""An uploaded file's media type is not one this endpoint accepts (metadata: `content_type`)."""
+ERROR_REASON_LANGUAGE_NOT_SUPPORTED: ErrorReason.ValueType  # 80
+"""The requested language is not supported by the model (metadata: `language`)."""
+ERROR_REASON_FRAME_TIMESTAMP_INVALID: ErrorReason.ValueType  # 81
+"""A frame's timestamp is missing or not after the previous frame's (video mode needs increasing timestamps)."""
+ERROR_REASON_MODEL_UNKNOWN: ErrorReason.ValueType  # 82
+"""The named model is not served by this inference server (metadata: `model`)."""
+ERROR_REASON_PROMPT_TOO_LONG: ErrorReason.ValueType  # 83
+"""The prompt does not fit the model's context window (metadata: `max_tokens`)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
