@@ -17,6 +17,8 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from services.runtime.catalog import REPO
 
 DEFAULT_DESCRIPTOR_SET = REPO / "gen" / "descriptor" / "megacity.binpb"
+# The google.api.http option; importing annotations_pb2 also registers it, so parsed options carry it.
+HTTP_RULE = annotations_pb2.http.full_name
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def _method_info(method: descriptor.MethodDescriptor) -> MethodInfo:
         name=method.name,
         client_streaming=method.client_streaming,
         server_streaming=method.server_streaming,
-        public=options.HasExtension(annotations_pb2.http),
+        public=any(field.full_name == HTTP_RULE for field, _ in options.ListFields()),
         idempotent=level in (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT),
     )
 

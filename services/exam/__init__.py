@@ -1,0 +1,1 @@
+"""Item bank, computerized adaptive testing, attempts, scoring, reports and calibration."""

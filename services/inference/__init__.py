@@ -1,0 +1,1 @@
+"""Inference servers: model hosts behind the kzone, tutor and jobs services; internal only."""

@@ -1,0 +1,1 @@
+"""Speech recognition inference server (faster-whisper), internal only."""

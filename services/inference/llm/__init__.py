@@ -1,0 +1,1 @@
+"""Language model inference server (vLLM engine), internal only."""

@@ -1,0 +1,1 @@
+"""Pose landmark inference server (mediapipe PoseLandmarker), internal only."""

@@ -1,0 +1,1 @@
+"""Long-running AI jobs over Redis Streams and per-org AI credits."""

@@ -1,0 +1,1 @@
+"""K-Zone live voice and dance analysis and reference content."""

@@ -1,0 +1,1 @@
+"""What every service shares: bootstrap, config, identity, policy, interceptors, database and Redis access."""

@@ -1,0 +1,146 @@
+"""Client channels for service-to-service calls.
+
+`ChannelFactory.channel("exam")` returns a cached grpc.aio channel to that service:
+- mTLS with this workload's certificate, checking that the peer holds the target service's certificate
+  (locally); plaintext to the Linkerd proxy, which does mTLS (behind Linkerd);
+- a retry policy for the target's idempotent methods (idempotency_level in the contracts), on UNAVAILABLE;
+- keepalive, so dead connections are noticed between calls;
+- every call carries the served call's request id and trace context, and a deadline: the caller's own
+  timeout, capped by what is left of the served call's deadline, or the default deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from services.runtime.catalog import Catalog
+from services.runtime.config import Transport, target_of
+from services.runtime.contracts import service_methods
+from services.runtime.interceptors import REQUEST_ID_HEADER, current_deadline, current_request_id
+from services.runtime.pki import Credentials, service_dns_name
+
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def retry_service_config(pool: descriptor_pool.DescriptorPool, services: Sequence[str]) -> str:
+    """gRPC service config retrying exactly the idempotent methods of `services`."""
+    names = [
+        {"service": method.service, "method": method.name}
+        for service in services
+        for method in service_methods(pool, service) or ()
+        if method.idempotent
+    ]
+    configs = [{"name": names, "retryPolicy": RETRY_POLICY}] if names else []
+    return json.dumps({"methodConfig": configs}, sort_keys=True)
+
+
+# grpc's classes are generic only in their type stubs, so the base classes cannot carry type arguments.
+class _ContextPropagation(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds the served call's request id and bounds the outgoing deadline by the served call's."""
+
+    def __init__(self, default_deadline: float) -> None:
+        self._default_deadline = default_deadline
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        request_id = current_request_id()
+        if request_id and REQUEST_ID_HEADER not in metadata:
+            metadata.add(REQUEST_ID_HEADER, request_id)
+        limits = [details.timeout] if details.timeout is not None else [self._default_deadline]
+        deadline = current_deadline()
+        if deadline is not None:
+            limits.append(deadline - time.monotonic())
+        # A spent deadline still goes out (as ~0) so the call fails with DEADLINE_EXCEEDED, not silently.
+        timeout = max(min(limits), 0.001)
+        return grpc.aio.ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class ChannelFactory:
+    def __init__(
+        self,
+        catalog: Catalog,
+        transport: Transport,
+        credentials: Credentials | None,
+        pool: descriptor_pool.DescriptorPool,
+        default_deadline: float = 10.0,
+    ) -> None:
+        if transport is Transport.MTLS and credentials is None:
+            raise ValueError("mTLS channels need this workload's credentials")
+        self._catalog = catalog
+        self._transport = transport
+        self._credentials = credentials
+        self._pool = pool
+        self._default_deadline = default_deadline
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, service: str, target: str | None = None) -> grpc.aio.Channel:
+        """A channel to a catalog service (at its configured address unless `target` is given)."""
+        key = f"{service}@{target or ''}"
+        existing = self._channels.get(key)
+        if existing is not None:
+            return existing
+        entry = self._catalog.service(service)
+        address = target or target_of(entry)
+        options: list[tuple[str, Any]] = [
+            *KEEPALIVE_OPTIONS,
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry_service_config(self._pool, entry.grpc_services)),
+        ]
+        tracing: list[Any] = aio_client_interceptors()  # type: ignore[no-untyped-call]  # OpenTelemetry's is untyped
+        interceptors = [_ContextPropagation(self._default_deadline), *tracing]
+        if self._transport is Transport.LINKERD:
+            created = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        else:
+            assert self._credentials is not None
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self._credentials.root_certificates,
+                private_key=self._credentials.private_key,
+                certificate_chain=self._credentials.certificate_chain,
+            )
+            options.append(("grpc.ssl_target_name_override", service_dns_name(self._catalog, service)))
+            created = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+        self._channels[key] = created
+        return created
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(None)

@@ -1,0 +1,1 @@
+"""Zones (which zone a host belongs to) and organisations."""

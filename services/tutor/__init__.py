@@ -1,0 +1,1 @@
+"""Tutoring sessions, assignments, AI feedback and the streaming AI tutor chat."""
