@@ -1,0 +1,23 @@
+-- The jobs service's schema and the role it works as. Tables come with the jobs service's own
+-- migrations; this only sets up who may do what.
+
+DO $$
+BEGIN
+    CREATE ROLE megacity_jobs NOLOGIN;
+EXCEPTION
+    -- Roles are cluster-wide: another database of this cluster (or a concurrent migrator) made it already.
+    WHEN duplicate_object OR unique_violation THEN NULL;
+END
+$$;
+COMMENT ON ROLE megacity_jobs IS 'The jobs service. LOGIN and its password come from ops/migrations.py provisioning.';
+
+CREATE SCHEMA jobs;
+GRANT USAGE ON SCHEMA jobs TO megacity_jobs;
+
+-- Tables and sequences that later migrations create here (as the migrating role, which keeps DDL and
+-- ownership) are the service's to read and write. No TRUNCATE: it bypasses row-level security.
+ALTER DEFAULT PRIVILEGES IN SCHEMA jobs GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO megacity_jobs;
+ALTER DEFAULT PRIVILEGES IN SCHEMA jobs GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO megacity_jobs;
+
+-- Tenant policies call this with the querying role's privileges.
+GRANT EXECUTE ON FUNCTION platform.tenant_visible(text, text) TO megacity_jobs;
