@@ -14,15 +14,20 @@ from collections.abc import Sequence
 
 def _gen(args: argparse.Namespace) -> int:
     from ops import codegen
+    from services.runtime.catalog import CatalogError
 
-    if args.check:
-        stale = codegen.stale()
-        if stale:
-            print("generated code is stale; run `./megacity gen`:", *stale, sep="\n  ", file=sys.stderr)
-            return 1
-        print("generated code is fresh")
-        return 0
-    codegen.generate()
+    try:
+        if args.check:
+            stale = codegen.stale()
+            if stale:
+                print("generated code is stale; run `./megacity gen`:", *stale, sep="\n  ", file=sys.stderr)
+                return 1
+            print("generated code is fresh")
+            return 0
+        codegen.generate()
+    except (CatalogError, codegen.GenerationError) as error:
+        print(f"megacity gen: {error}", file=sys.stderr)
+        return 1
     print("regenerated: " + ", ".join(str(path) for _, path, _ in codegen.GENERATORS))
     return 0
 
@@ -35,8 +40,14 @@ def _check(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from services.runtime import server
+    from services.runtime.catalog import CatalogError
+    from services.runtime.config import ConfigError
 
-    return asyncio.run(server.serve_from_environment(args.service))
+    try:
+        return asyncio.run(server.serve_from_environment(args.service))
+    except (CatalogError, ConfigError) as error:
+        print(f"megacity serve: {error}", file=sys.stderr)
+        return 2
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -82,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a clean stop (default 60)")
     down.set_defaults(handler=_down)
 
-    status = commands.add_parser("status", help="each service's address, identity and health; exit 0 only if all SERVING")
+    status = commands.add_parser(
+        "status", help="each service's address, identity and health; exit 0 only if all SERVING"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
 
@@ -95,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database migrations (db/)")
     db.add_argument("action", choices=["migrate", "rollback", "status"], help="apply all / undo the last / list")
-    db.add_argument("--database-url", default=None, help="owner connection URL (default: MEGACITY_DATABASE_ADMIN_URL, "
-                    "then MEGACITY_DATABASE_URL, then the local embedded PostgreSQL)")
+    db.add_argument(
+        "--database-url",
+        default=None,
+        help="owner connection URL (default: MEGACITY_DATABASE_ADMIN_URL, "
+        "then MEGACITY_DATABASE_URL, then the local embedded PostgreSQL)",
+    )
     db.set_defaults(handler=_db)
 
     gen = commands.add_parser("gen", help="regenerate code and manifests from proto/ and mesh/catalog.yaml")

@@ -1,0 +1,1 @@
+"""Shared test support: real servers, the probe service and mesh helpers."""
