@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # gRPC core logs (e.g. every failed TLS handshake) are not JSON; keep only its errors unless asked.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from services.runtime import server
     from services.runtime.catalog import CatalogError
     from services.runtime.config import ConfigError

@@ -121,3 +121,17 @@ async def test_a_service_starts_not_serving_while_postgres_is_down_and_recovers(
     finally:
         if not postgres.is_running():
             await asyncio.to_thread(postgres.start)
+
+
+async def test_watch_streams_each_change(dependent_service: Service, redis: EmbeddedRedis, pki_dir: Path) -> None:
+    async with channel_as("ops", dependent_service, pki_dir) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        seen = [(await watch.read()).status]
+        await asyncio.to_thread(redis.stop)
+        try:
+            seen.append((await watch.read()).status)
+        finally:
+            await asyncio.to_thread(redis.start)
+        seen.append((await watch.read()).status)
+        watch.cancel()
+    assert seen == [SERVING, NOT_SERVING, SERVING]

@@ -20,10 +20,11 @@ import grpc
 from google.protobuf import descriptor_pool
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from services.runtime.callcontext import current_deadline, current_request_id
 from services.runtime.catalog import Catalog
 from services.runtime.config import Transport, target_of
 from services.runtime.contracts import service_methods
-from services.runtime.interceptors import REQUEST_ID_HEADER, current_deadline, current_request_id
+from services.runtime.interceptors import REQUEST_ID_HEADER
 from services.runtime.pki import Credentials, service_dns_name
 
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (

@@ -44,12 +44,21 @@ def identifier(catalog: Catalog, transport: Transport) -> Identify:
 
         return identify_linkerd
 
+    names: dict[bytes, str | None] = {}  # bounded: only our CA's certificates get this far
+
     def identify_mtls(context: grpc.aio.ServicerContext[object, object]) -> str | None:
         # The certificate's SANs (peer_identities) are much cheaper to read than the whole auth_context();
         # like gRPC's own peer_spiffe_id, accept exactly one SPIFFE URI.
-        spiffe_ids = [san for san in context.peer_identities() or () if san.startswith(b"spiffe://")]
-        if len(spiffe_ids) != 1:
+        spiffe_id = None
+        for san in context.peer_identities() or ():
+            if san.startswith(b"spiffe://"):
+                if spiffe_id is not None:
+                    return None
+                spiffe_id = san
+        if spiffe_id is None:
             return None
-        return catalog.name_of(spiffe_ids[0].decode())
+        if spiffe_id not in names:
+            names[spiffe_id] = catalog.name_of(spiffe_id.decode())
+        return names[spiffe_id]
 
     return identify_mtls

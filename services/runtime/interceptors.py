@@ -23,15 +23,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any
 
 import grpc
 import structlog
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
+from services.runtime import callcontext
 from services.runtime.errors import (
     STATUS_DETAILS_KEY,
     ErrorReason,
@@ -43,7 +43,7 @@ from services.runtime.errors import (
 )
 from services.runtime.identity import Identify
 from services.runtime.policy import MethodPolicy
-from services.runtime.telemetry import RpcMetrics
+from services.runtime.telemetry import RpcMetrics, ServerSpans, access_log
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -60,28 +60,10 @@ _SERVER_FAULTS = frozenset(
     }
 )
 
-_request_id: ContextVar[str] = ContextVar("megacity_request_id", default="")
-_caller: ContextVar[str] = ContextVar("megacity_caller", default="")
-_deadline: ContextVar[float | None] = ContextVar("megacity_deadline", default=None)
-
+_CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name is slow on the hot path
 _log = structlog.get_logger("megacity.rpc")
-_tracer = trace.get_tracer("megacity.runtime")
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def current_request_id() -> str:
-    return _request_id.get()
-
-
-def current_caller() -> str:
-    """The catalog name of the workload that made the call being served ('' outside a call)."""
-    return _caller.get()
-
-
-def current_deadline() -> float | None:
-    """The served call's deadline on the time.monotonic() clock, or None when it has none."""
-    return _deadline.get()
 
 
 def _status_trailer(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
@@ -99,14 +81,24 @@ class _Route:
         self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
-class _Call:
-    """One call in flight."""
+class _Call(callcontext.CallInfo):
+    """One call in flight: what code inside the call may read, and what the interceptor needs to finish it."""
 
-    __slots__ = ("caller", "route", "span", "started", "token")
+    __slots__ = ("route", "span", "started", "token")
 
-    def __init__(self, route: _Route, caller: str | None, span: trace.Span, token: object, started: float) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        caller: str | None,
+        deadline: float | None,
+        trace_id: str,
+        route: _Route,
+        span: trace.Span,
+        token: object,
+        started: float,
+    ) -> None:
+        super().__init__(request_id, caller, deadline, trace_id)
         self.route = route
-        self.caller = caller
         self.span = span
         self.token = token
         self.started = started
@@ -119,6 +111,7 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._policy = policy
         self._identify = identify
         self._metrics = metrics
+        self._spans = ServerSpans()
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
@@ -202,21 +195,17 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             elif key in _TRACE_HEADERS and isinstance(value, str):
                 carrier[key] = value
         caller = self._identify(context)
-        span = _tracer.start_span(
-            route.path,
-            context=propagate.extract(carrier) if carrier else None,
-            kind=SpanKind.SERVER,
-            attributes=route.attributes,
-        )
+        span = self._spans.start(route.path, carrier, route.attributes)
         token = otel_context.attach(trace.set_span_in_context(span))
-        if not request_id:
-            span_context = span.get_span_context()
-            request_id = format(span_context.trace_id, "032x") if span_context.is_valid else uuid.uuid4().hex
-        _request_id.set(request_id)
-        _caller.set(caller or "")
+        span_context = span.get_span_context()
+        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
         remaining = context.time_remaining()
-        _deadline.set(None if remaining is None else time.monotonic() + remaining)
-        return _Call(route, caller, span, token, started)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        call = _Call(
+            request_id or trace_id or uuid.uuid4().hex, caller, deadline, trace_id, route, span, token, started
+        )
+        callcontext.current.set(call)
+        return call
 
     def _authorize(self, call: _Call) -> None:
         if call.caller is None:
@@ -252,8 +241,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             method=call.route.path,
             caller=call.caller,
             error_id=error_id,
-            request_id=_request_id.get(),
-            trace_id=self._trace_id(call),
+            request_id=call.request_id,
+            trace_id=call.trace_id,
             exc_info=error,
         )
         call.span.record_exception(error)
@@ -265,28 +254,16 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         elapsed = time.perf_counter() - call.started
         route = call.route
         self._metrics.observe(route.path, route.rpc_type, code, elapsed)
-        _log.info(
-            "rpc",
-            method=route.path,
-            caller=call.caller,
-            code=code.name,
-            latency_ms=round(elapsed * 1000, 3),
-            request_id=_request_id.get(),
-            trace_id=self._trace_id(call),
-        )
+        access_log.record(route.path, call.caller, _CODE_NAMES[code], elapsed * 1000, call.request_id, call.trace_id)
         span = call.span
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if call.caller:
-            span.set_attribute("megacity.caller", call.caller)
-        if code in _SERVER_FAULTS:
-            span.set_status(Status(StatusCode.ERROR, code.name))
-        span.end()
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if call.caller:
+                span.set_attribute("megacity.caller", call.caller)
+            if code in _SERVER_FAULTS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            span.end()
         otel_context.detach(call.token)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _trace_id(call: _Call) -> str:
-        span_context = call.span.get_span_context()
-        return format(span_context.trace_id, "032x") if span_context.is_valid else ""
 
     def _log_denial(self, call: _Call, why: str) -> None:
         _log.warning(
@@ -294,6 +271,6 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             method=call.route.path,
             caller=call.caller,
             reason=why,
-            request_id=_request_id.get(),
-            trace_id=self._trace_id(call),
+            request_id=call.request_id,
+            trace_id=call.trace_id,
         )

@@ -34,7 +34,13 @@ from services.runtime.identity import identifier
 from services.runtime.interceptors import RuntimeInterceptor
 from services.runtime.pki import ensure_credentials
 from services.runtime.policy import MethodPolicy, resolve_rules
-from services.runtime.telemetry import RpcMetrics, configure_logging, configure_tracing, start_metrics_server
+from services.runtime.telemetry import (
+    RpcMetrics,
+    configure_logging,
+    configure_tracing,
+    flush_logs_periodically,
+    start_metrics_server,
+)
 
 _log = structlog.get_logger("megacity.server")
 
@@ -93,6 +99,7 @@ class Service:
         self._pool = pool or default_pool()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
+        self._log_flusher: asyncio.Task[None] | None = None
         self.deps: Dependencies | None = None
         self.health: HealthMonitor | None = None
         self.port = 0
@@ -160,6 +167,7 @@ class Service:
         await server.start()
         self._server = server
         await self.health.start()
+        self._log_flusher = asyncio.create_task(flush_logs_periodically(), name="log-flusher")
         _log.info(
             "service.started",
             address=f"{config.bind_host}:{self.port}",
@@ -189,6 +197,9 @@ class Service:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         _log.info("service.stopped")
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
+            await asyncio.gather(self._log_flusher, return_exceptions=True)
 
 
 def _module_builder(module_name: str) -> BuildServicers:

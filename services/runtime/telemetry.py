@@ -1,6 +1,8 @@
 """Logs, traces, metrics and probes every service shares.
 
 - Logs: structlog, one JSON object per line on stdout; third-party stdlib logging is rendered the same way.
+  Info lines are written in batches (a LogWriter flushed every 100 ms by the service's event loop, and at
+  exit); warnings and errors go out at once. The per-call access log is rendered in those batches too.
 - Traces: OpenTelemetry SDK; spans are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set
   (the sampler follows the standard OTEL_TRACES_SAMPLER variables). Trace ids appear in the logs either way.
 - Metrics: Prometheus, per-method call counts by status code and a latency histogram, on the metrics port,
@@ -10,30 +12,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import bisect
+import datetime
 import logging
+import math
 import os
+import random
 import sys
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
 
 import grpc
+import orjson
 import structlog
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    make_wsgi_app,
-)
+from prometheus_client import CollectorRegistry, Metric, PlatformCollector, ProcessCollector, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+from prometheus_client.registry import Collector
+
+from services.runtime import callcontext
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -54,28 +60,165 @@ LATENCY_BUCKETS = (
     120.0,
 )
 
+
+def add_call_context(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+    """Inside a served call, every log line carries its request id, caller and trace id."""
+    call = callcontext.current.get()
+    if call is not None:
+        event.setdefault("request_id", call.request_id)
+        event.setdefault("caller", call.caller)
+        event.setdefault("trace_id", call.trace_id)
+    return event
+
+
+def _iso(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def add_timestamp(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+    """ISO 8601 UTC, unless the line brings its own (access-log lines are rendered after the call)."""
+    if "timestamp" not in event:
+        event["timestamp"] = _iso(time.time())
+    return event
+
+
 _SHARED_PROCESSORS: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
+    add_call_context,
     structlog.processors.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    add_timestamp,
 ]
+
+_AccessEntry = tuple[float, str, str | None, str, float, str, str]
+_ACCESS_BATCH_LIMIT = 1000
+
+
+class AccessLog:
+    """One `rpc` line per served call: method, caller, code, latency, request id, trace id.
+
+    The lines go through the same structlog pipeline as every other line, but once logging is configured
+    they are rendered in batches by the log flusher instead of inside the call: the call only appends a
+    tuple. Rendering a JSON line inside every call was the largest single cost of the runtime per call.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[_AccessEntry] = []
+        self.batched = False
+        self._log = structlog.get_logger("megacity.rpc")
+
+    def record(
+        self, method: str, caller: str | None, code: str, latency_ms: float, request_id: str, trace_id: str
+    ) -> None:
+        entry = (time.time(), method, caller, code, latency_ms, request_id, trace_id)
+        if not self.batched:
+            self._emit(entry)
+            return
+        self._pending.append(entry)
+        if len(self._pending) >= _ACCESS_BATCH_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            self._emit(entry)
+
+    def _emit(self, entry: _AccessEntry) -> None:
+        at, method, caller, code, latency_ms, request_id, trace_id = entry
+        self._log.info(
+            "rpc",
+            timestamp=_iso(at),
+            method=method,
+            caller=caller,
+            code=code,
+            latency_ms=round(latency_ms, 3),
+            request_id=request_id,
+            trace_id=trace_id,
+        )
+
+
+access_log = AccessLog()
+
+
+LOG_FLUSH_INTERVAL_SECONDS = 0.1
+_LOG_BUFFER_LIMIT = 64 * 1024
+
+
+class LogWriter:
+    """Log lines to a file descriptor: info and debug are buffered, warnings and errors flush at once."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._lock = threading.Lock()  # stdlib logging may write from other threads
+
+    def write(self, text: str | bytes) -> None:
+        data = text.encode() if isinstance(text, str) else text
+        with self._lock:
+            self._pending.append(data)
+            self._size += len(data)
+            if self._size < _LOG_BUFFER_LIMIT:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+    def _buffered(self, line: bytes) -> None:
+        self.write(line + b"\n")
+
+    def _immediate(self, line: bytes) -> None:
+        self.write(line + b"\n")
+        self.flush()
+
+    # structlog calls the method named after the level.
+    debug = info = msg = log = _buffered
+    warning = warn = error = err = critical = exception = fatal = _immediate
+
+
+_log_writer: LogWriter | None = None
+
+
+def flush_logs() -> None:
+    access_log.flush()
+    if _log_writer is not None:
+        _log_writer.flush()
+
+
+async def flush_logs_periodically() -> None:
+    """Run for the life of the service; cancelling it flushes once more."""
+    try:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_INTERVAL_SECONDS)
+            flush_logs()
+    finally:
+        flush_logs()
 
 
 def configure_logging(level: str, service: str) -> None:
+    global _log_writer
+    _log_writer = writer = LogWriter(sys.stdout.fileno())
+    access_log.batched = True
+    atexit.register(flush_logs)
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
         processors=[
             *_SHARED_PROCESSORS,
             # Tracebacks as data, without frame locals: locals would copy passwords and tokens into logs.
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=_SHARED_PROCESSORS,
@@ -90,20 +233,59 @@ def configure_logging(level: str, service: str) -> None:
     root.setLevel(max(numeric, logging.INFO))
 
 
+_exporting_spans = False
+
+
 def configure_tracing(service: str) -> TracerProvider:
-    """The process's tracer provider. Without an OTLP endpoint nobody collects spans, so none is recorded
-    (ALWAYS_OFF): trace and span ids are still created, logged and propagated, for the cost of a few ids."""
+    """The process's tracer provider: spans are recorded and exported over OTLP when an endpoint is set.
+    Without one, nobody collects spans, so the runtime keeps only W3C trace context (see ServerSpans)."""
+    global _exporting_spans
     resource = Resource.create({"service.name": f"megacity-{service}"})
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    _exporting_spans = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    if _exporting_spans:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER, default always on
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
+        # Outgoing calls (OpenTelemetry's client interceptor) then make unsampled spans: ids, no recording.
         provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     trace.set_tracer_provider(provider)
     return provider
+
+
+_UNSAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
+
+
+class ServerSpans:
+    """Starts the SERVER span of each served call, continuing the caller's W3C trace context.
+
+    When spans are exported, these are real SDK spans. When they are not, a span would be created only to be
+    dropped: the call gets a non-recording span that carries the trace id (the caller's, or a new random one)
+    and a new span id, exactly what an unsampled SDK span carries, for a fraction of its cost. Either way
+    the trace id reaches the logs and the next hop.
+    """
+
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer("megacity.runtime") if _exporting_spans else None
+
+    def start(self, name: str, carrier: dict[str, str], attributes: dict[str, str]) -> trace.Span:
+        parent = propagate.extract(carrier) if carrier else None
+        if self._tracer is not None:
+            return self._tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
+        upstream = trace.get_current_span(parent).get_span_context() if parent is not None else None
+        if upstream is not None and upstream.is_valid:
+            trace_id, flags, state = upstream.trace_id, upstream.trace_flags, upstream.trace_state
+        else:
+            # Trace and span ids are identifiers, not secrets: the SDK draws them from `random` too.
+            trace_id, flags, state = random.getrandbits(128), _UNSAMPLED, None
+        span_id = random.getrandbits(64)
+        return trace.NonRecordingSpan(
+            trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
+        )
 
 
 def current_trace_id() -> str:
@@ -111,41 +293,63 @@ def current_trace_id() -> str:
     return format(context.trace_id, "032x") if context.is_valid else ""
 
 
-@dataclass
-class RpcMetrics:
-    """Server-side RPC metrics, named as go-grpc-prometheus names them so dashboards carry over."""
+class _MethodStats:
+    """Counts for one method, updated on the event loop and read by the scrape thread."""
 
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    __slots__ = ("bucket_counts", "codes", "count", "total_seconds")
 
-    def __post_init__(self) -> None:
+    def __init__(self) -> None:
+        self.codes: dict[grpc.StatusCode, int] = {}
+        self.bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.total_seconds = 0.0
+
+
+class RpcMetrics(Collector):
+    """Server-side RPC metrics, named as go-grpc-prometheus names them so dashboards carry over.
+
+    A custom collector rather than prometheus_client's Counter/Histogram: a call records into plain
+    counters (no locks, no label lookup), and the Prometheus families are built only when scraped.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        self.handled = Counter(
-            "grpc_server_handled_total",
-            "RPCs completed on the server, by method and status code.",
-            ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
-            registry=self.registry,
-        )
-        self.handling_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Time from receiving an RPC to completing it on the server.",
-            ["grpc_service", "grpc_method", "grpc_type"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._children: dict[tuple[str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
+        self.registry.register(self)
+        self._stats: dict[tuple[str, str], _MethodStats] = {}
 
     def observe(self, path: str, rpc_type: str, code: grpc.StatusCode, seconds: float) -> None:
-        children = self._children.get((path, code))
-        if children is None:
+        stats = self._stats.get((path, rpc_type))
+        if stats is None:
+            stats = self._stats[(path, rpc_type)] = _MethodStats()
+        stats.codes[code] = stats.codes.get(code, 0) + 1
+        stats.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        stats.count += 1
+        stats.total_seconds += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        handled = CounterMetricFamily(
+            "grpc_server_handled",
+            "RPCs completed on the server, by method and status code.",
+            labels=["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+        )
+        handling = HistogramMetricFamily(
+            "grpc_server_handling_seconds",
+            "Time from receiving an RPC to completing it on the server.",
+            labels=["grpc_service", "grpc_method", "grpc_type"],
+        )
+        for (path, rpc_type), stats in list(self._stats.items()):
             service, _, method = path.lstrip("/").partition("/")
-            children = (
-                self.handled.labels(service, method, rpc_type, code.name),
-                self.handling_seconds.labels(service, method, rpc_type),
-            )
-            self._children[(path, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+            for code, count in list(stats.codes.items()):
+                handled.add_metric([service, method, rpc_type, code.name], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, math.inf), list(stats.bucket_counts), strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == math.inf else str(bound), cumulative))
+            handling.add_metric([service, method, rpc_type], buckets, stats.total_seconds)
+        yield handled
+        yield handling
 
 
 def start_metrics_server(host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]) -> WSGIServer:

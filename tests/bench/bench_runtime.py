@@ -1,6 +1,6 @@
 """Benchmark: what the service runtime and mTLS cost on a no-op unary RPC.
 
-    ./megacity bench runtime            (or: python -m tests.bench.bench_runtime [--seconds 5] [--rounds 3])
+    .venv/bin/python -m tests.bench.bench_runtime [--seconds 5] [--rounds 3]
 
 Four servers serve the same no-op `Echo` in their own process, one at a time, each loaded by a client in
 another process (16 concurrent calls on one warm channel):
@@ -12,8 +12,9 @@ another process (16 concurrent calls on one warm channel):
 
 On a 2-core machine the Python client is often the bottleneck, so besides requests/s and latency the
 table reports the server's CPU time per request (from /proc), and the server capacity it implies
-(1 / CPU per request): the fair measure of what each layer costs. Rounds are interleaved and the median
-is shown. Targets: runtime-mtls capacity >= 85% of bare-mtls; bare-mtls >= 90% of bare-plaintext.
+(1 / CPU per request): the fair measure of what each layer costs. The server runs on CPU 0, the client on
+CPU 1; rounds are interleaved and the median is shown.
+Targets: runtime-mtls capacity >= 85% of bare-mtls; bare-mtls >= 90% of bare-plaintext.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +147,13 @@ class Sample:
         return 1e6 / self.cpu_us_per_request
 
 
+def _pinned(cpu: int) -> Callable[[], None] | None:
+    """Pin a child to one CPU, so server and client do not trade places between rounds (less noise)."""
+    if (os.cpu_count() or 1) < 2:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 def _measure(mode: str, pki: Path, seconds: float, concurrency: int) -> Sample:
     port = free_port()
     me = [sys.executable, "-m", "tests.bench.bench_runtime"]
@@ -153,6 +162,7 @@ def _measure(mode: str, pki: Path, seconds: float, concurrency: int) -> Sample:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=_pinned(0),
     )
     try:
         assert server.stdout is not None
@@ -160,12 +170,13 @@ def _measure(mode: str, pki: Path, seconds: float, concurrency: int) -> Sample:
             if server.poll() is not None:
                 raise RuntimeError(f"{mode} server exited with {server.returncode}")
         # The runtime logs one JSON line per call: send it where a real deployment's log shipper reads it.
-        subprocess.Popen(["cat"], stdin=server.stdout, stdout=subprocess.DEVNULL)
+        subprocess.Popen(["cat"], stdin=server.stdout, stdout=subprocess.DEVNULL, preexec_fn=_pinned(1))
         client = subprocess.Popen(
             [*me, "_load", mode, str(port), str(pki), str(seconds), str(concurrency)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_pinned(1),
         )
         assert client.stdout is not None
         assert client.stdin is not None

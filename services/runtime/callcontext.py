@@ -1,0 +1,43 @@
+"""What the runtime knows about the call being served, for any code running inside it.
+
+Set by the server interceptor at the start of each call (each call runs in its own asyncio task, so it
+never leaks between calls); read by client channels (to propagate the request id and the deadline), by the
+log processor (so every log line inside a call carries its request id, caller and trace id), and by
+servicers that need the caller's identity.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+
+class CallInfo:
+    """The served call's identity and limits."""
+
+    __slots__ = ("caller", "deadline", "request_id", "trace_id")
+
+    def __init__(self, request_id: str, caller: str | None, deadline: float | None, trace_id: str) -> None:
+        self.request_id = request_id
+        self.caller = caller
+        self.deadline = deadline
+        self.trace_id = trace_id
+
+
+current: ContextVar[CallInfo | None] = ContextVar("megacity_call", default=None)
+
+
+def current_request_id() -> str:
+    call = current.get()
+    return call.request_id if call else ""
+
+
+def current_caller() -> str:
+    """The catalog name of the workload that made the call being served ('' outside a call or unidentified)."""
+    call = current.get()
+    return (call.caller or "") if call else ""
+
+
+def current_deadline() -> float | None:
+    """The served call's deadline on the time.monotonic() clock, or None when it has none."""
+    call = current.get()
+    return call.deadline if call else None

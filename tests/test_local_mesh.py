@@ -1,0 +1,108 @@
+"""`megacity up --detach`, `status` and `down` from a clean state: the whole local mesh, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.runtime.catalog import REPO, load_catalog
+
+pytestmark = pytest.mark.slow
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _free_offset() -> int:
+    catalog = load_catalog()
+    base = [7432, 7379] + [p for e in catalog.services.values() for p in (e.port, e.metrics_port)]
+    for _ in range(50):
+        offset = random.randrange(10_000, 40_000, 100)
+        if _ports_free([port + offset for port in base]):
+            return offset
+    raise RuntimeError("no free port range for a second mesh")
+
+
+def _megacity(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    done = _megacity(env, "status", "--json")
+    return done.returncode, json.loads(done.stdout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("MEGACITY_") or key in {"MEGACITY_PYTHON", "MEGACITY_VENV"}
+    }
+    env |= {"MEGACITY_HOME": str(home), "MEGACITY_PORT_OFFSET": str(_free_offset())}
+    catalog = load_catalog()
+    try:
+        started = _megacity(env, "up", "--detach", "--timeout", "150")
+        assert started.returncode == 0, started.stdout + started.stderr
+        for name in catalog.services:
+            assert name in started.stdout
+
+        code, status = _status(env)
+        assert code == 0
+        assert status["phase"] == "ready"
+        components = {c["name"]: c for c in status["components"]}
+        assert set(components) == {"postgres", "redis", *catalog.services}
+        assert all(c["health"] == "SERVING" for c in components.values())
+        assert components["exam"]["identity"] == "spiffe://megacity.local/ns/megacity/sa/exam"
+        assert (home / "pki" / "ca.pem").exists()
+        first_line = (home / "logs" / "auth.log").read_text().splitlines()[0]
+        assert json.loads(first_line)["service"] == "auth"
+
+        # A service process that dies is restarted by the supervisor and becomes SERVING again.
+        os.kill(components["tenant"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            code, status = _status(env)
+            tenant = next(c for c in status["components"] if c["name"] == "tenant")
+            if code == 0 and tenant["restarts"] == 1:
+                break
+            assert time.monotonic() < deadline, f"tenant was not restarted: {tenant}"
+            time.sleep(0.5)
+
+        stopped = _megacity(env, "down")
+        assert stopped.returncode == 0, stopped.stderr
+        code, status = _status(env)
+        assert code == 3
+        assert status["phase"] == "down"
+        pids = [c["pid"] for c in components.values() if c["pid"]] + [tenant["pid"]]
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        _megacity(env, "down")
