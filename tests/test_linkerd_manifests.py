@@ -175,6 +175,7 @@ def _strict(schema: Any) -> Any:
 def crd_versions() -> dict[tuple[str, str], CrdVersion]:
     """(apiVersion, kind) -> schema of every served version of the CRDs we were given."""
     found: dict[tuple[str, str], CrdVersion] = {}
+    assert CRD_DIR.is_dir(), f"the shared CRD schemas are missing: expected {CRD_DIR} beside the repository"
     for path in sorted(CRD_DIR.glob("*.yaml")):
         for crd in yaml.safe_load_all(path.read_text()):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
