@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -150,6 +151,12 @@ async def _all_health(catalog: Catalog, components: list[Component]) -> dict[str
 # --- the supervisor -------------------------------------------------------------------------------------
 
 
+def _address_of(url: str, default_port: int) -> str:
+    """host:port of a server URL (never its credentials)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or default_port}"
+
+
 class _ServiceProcess:
     def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
         self.name = name
@@ -200,13 +207,13 @@ class Supervisor:
                 )
             )
         else:
-            components.append(Component("postgres", "postgres", database_url.rsplit("@", 1)[-1]))
+            components.append(Component("postgres", "postgres", _address_of(database_url, 5432)))
         if self.redis is not None:
             components.append(
                 Component("redis", "redis", self.redis.address, self.redis.pid, log=str(self.redis.log_path))
             )
         else:
-            components.append(Component("redis", "redis", redis_url.rsplit("@", 1)[-1]))
+            components.append(Component("redis", "redis", _address_of(redis_url, 6379)))
         return components
 
     def _publish(self, phase: str, infra: list[Component], error: str = "") -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from services.runtime.catalog import REPO, load_catalog
 
 pytestmark = pytest.mark.slow
@@ -60,14 +61,14 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _environment(home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MEGACITY_")}
+    return env | {"MEGACITY_HOME": str(home), "MEGACITY_PORT_OFFSET": str(_free_offset())}
+
+
 def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("MEGACITY_") or key in {"MEGACITY_PYTHON", "MEGACITY_VENV"}
-    }
-    env |= {"MEGACITY_HOME": str(home), "MEGACITY_PORT_OFFSET": str(_free_offset())}
+    env = _environment(home)
     catalog = load_catalog()
     try:
         started = _megacity(env, "up", "--detach", "--timeout", "150")
@@ -106,3 +107,27 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         assert not [pid for pid in pids if _alive(pid)]
     finally:
         _megacity(env, "down")
+
+
+def test_up_uses_external_servers_by_url_and_leaves_them_running(
+    tmp_path: Path, postgres: EmbeddedPostgres, redis: EmbeddedRedis
+) -> None:
+    env = _environment(tmp_path / "home") | {
+        "MEGACITY_DATABASE_URL": postgres.admin_url,
+        "MEGACITY_REDIS_URL": redis.url,
+    }
+    try:
+        started = _megacity(env, "up", "--detach", "--timeout", "150")
+        assert started.returncode == 0, started.stdout + started.stderr
+        code, status = _status(env)
+        assert code == 0
+        components = {c["name"]: c for c in status["components"]}
+        assert components["postgres"]["address"] == postgres.address
+        assert components["redis"]["address"] == redis.address
+        assert components["postgres"]["pid"] is None  # not ours to stop
+        assert not (tmp_path / "home" / "postgres").exists()
+    finally:
+        stopped = _megacity(env, "down")
+    assert stopped.returncode == 0
+    assert postgres.is_running()
+    assert redis.is_running()

@@ -12,9 +12,13 @@ import grpc
 import pytest
 
 from megacity.testing.v1 import probe_pb2, probe_pb2_grpc
-from services.runtime.channels import retry_service_config
+from services.runtime.channels import ChannelFactory, retry_service_config
+from services.runtime.config import Transport
 from services.runtime.contracts import default_pool
+from services.runtime.pki import ensure_credentials
+from services.runtime.server import Dependencies, ServicerBinding
 from tests.support.mesh import channel_as, make_config, mesh_catalog, running, running_probe
+from tests.support.probe import ProbeServicer
 from tests.support.probe import servicers as probe_servicers
 
 
@@ -86,3 +90,28 @@ async def test_metrics_count_calls_by_method_and_code(pki_dir: Path) -> None:
     assert f'grpc_server_handled_total{{grpc_code="OK",{labels.format("Echo")}}} 3.0' in text
     assert f'grpc_server_handled_total{{grpc_code="NOT_FOUND",{labels.format("Fail")}}} 1.0' in text
     assert f"grpc_server_handling_seconds_count{{{labels.format('Echo')}}} 3.0" in text
+
+
+async def test_channels_retry_idempotent_methods_and_only_those(pki_dir: Path) -> None:
+    catalog = mesh_catalog()
+    probe = ProbeServicer(None)
+
+    def build(deps: Dependencies) -> list[ServicerBinding]:
+        return [ServicerBinding(probe_pb2_grpc.add_ProbeServiceServicer_to_server, probe)]
+
+    async with running(make_config(catalog, "probe", pki_dir), build) as service:
+        channels = ChannelFactory(catalog, Transport.MTLS, ensure_credentials(pki_dir, catalog, "ops"), default_pool())
+        stub = probe_pb2_grpc.ProbeServiceStub(channels.channel("probe", target=f"127.0.0.1:{service.port}"))
+        try:
+            recovered = await stub.Flaky(probe_pb2.FlakyRequest(key="twice", failures=2))
+            with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+                await stub.Flaky(probe_pb2.FlakyRequest(key="always", failures=100))
+            with pytest.raises(grpc.aio.AioRpcError) as not_retried:
+                await stub.Fail(probe_pb2.FailRequest(mode=probe_pb2.FailRequest.MODE_UNAVAILABLE, secret="once"))
+        finally:
+            await channels.close()
+    assert recovered.attempts == 3
+    assert exhausted.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert probe.calls["always"] == 4  # maxAttempts of the retry policy
+    assert not_retried.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert probe.calls["once"] == 1

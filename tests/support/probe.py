@@ -10,7 +10,7 @@ from megacity.testing.v1 import probe_pb2, probe_pb2_grpc
 from services.runtime.callcontext import current_caller, current_deadline, current_request_id
 from services.runtime.catalog import AllowRule, Catalog, ServiceEntry
 from services.runtime.context import StreamingContext, UnaryContext
-from services.runtime.errors import NotFound, Violations
+from services.runtime.errors import NotFound, Unavailable, Violations
 from services.runtime.server import Dependencies, ServicerBinding
 from services.runtime.telemetry import current_trace_id
 
@@ -50,6 +50,7 @@ class ProbeServicer(probe_pb2_grpc.ProbeServiceServicer):
     def __init__(self, deps: Dependencies | None, downstream: str | None = None) -> None:
         self._deps = deps
         self._downstream = downstream
+        self.calls: dict[str, int] = {}  # per key, for Flaky and MODE_UNAVAILABLE
 
     async def Echo(
         self, request: probe_pb2.EchoRequest, context: UnaryContext[probe_pb2.EchoRequest, probe_pb2.EchoResponse]
@@ -68,7 +69,18 @@ class ProbeServicer(probe_pb2_grpc.ProbeServiceServicer):
             raise NotFound("no such probe")
         if request.mode == probe_pb2.FailRequest.MODE_CRASH:
             raise RuntimeError(f"database password is {request.secret}")
+        if request.mode == probe_pb2.FailRequest.MODE_UNAVAILABLE:
+            self.calls[request.secret] = self.calls.get(request.secret, 0) + 1
+            raise Unavailable("probe is unavailable", retry_after_seconds=0.1)
         return probe_pb2.FailResponse()
+
+    async def Flaky(
+        self, request: probe_pb2.FlakyRequest, context: UnaryContext[probe_pb2.FlakyRequest, probe_pb2.FlakyResponse]
+    ) -> probe_pb2.FlakyResponse:
+        attempts = self.calls[request.key] = self.calls.get(request.key, 0) + 1
+        if attempts <= request.failures:
+            raise Unavailable(f"failing attempt {attempts} of {request.failures}", retry_after_seconds=0.01)
+        return probe_pb2.FlakyResponse(attempts=attempts)
 
     async def Sleep(
         self, request: probe_pb2.SleepRequest, context: UnaryContext[probe_pb2.SleepRequest, probe_pb2.SleepResponse]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmegacity/testing/v1/probe.proto\x12\x13megacity.testing.v1\"\'\n\x0b\x45\x63hoRequest\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\"(\n\x0c\x45\x63hoResponse\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\"\xbd\x01\n\x0b\x46\x61ilRequest\x12\x39\n\x04mode\x18\x01 \x01(\x0e\x32%.megacity.testing.v1.FailRequest.ModeR\x04mode\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"[\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODE_INVALID_ARGUMENT\x10\x01\x12\x12\n\x0eMODE_NOT_FOUND\x10\x02\x12\x0e\n\nMODE_CRASH\x10\x03\"\x0e\n\x0c\x46\x61ilResponse\"(\n\x0cSleepRequest\x12\x18\n\x07seconds\x18\x01 \x01(\x01R\x07seconds\"4\n\rSleepResponse\x12#\n\rslept_seconds\x18\x01 \x01(\x01R\x0csleptSeconds\"\x10\n\x0eInspectRequest\"\xb2\x01\n\x0fInspectResponse\x12\'\n\x0f\x63\x61ller_identity\x18\x01 \x01(\tR\x0e\x63\x61llerIdentity\x12\x1d\n\nrequest_id\x18\x02 \x01(\tR\trequestId\x12\x19\n\x08trace_id\x18\x03 \x01(\tR\x07traceId\x12<\n\x1a\x64\x65\x61\x64line_remaining_seconds\x18\x04 \x01(\x01R\x18\x64\x65\x61\x64lineRemainingSeconds\"3\n\x0cRelayRequest\x12#\n\rdelay_seconds\x18\x01 \x01(\x01R\x0c\x64\x65laySeconds\"\x97\x01\n\rRelayResponse\x12@\n\x08upstream\x18\x01 \x01(\x0b\x32$.megacity.testing.v1.InspectResponseR\x08upstream\x12\x44\n\ndownstream\x18\x02 \x01(\x0b\x32$.megacity.testing.v1.InspectResponseR\ndownstream\"C\n\x11\x45\x63hoStreamRequest\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\x12\x14\n\x05\x63ount\x18\x02 \x01(\x05R\x05\x63ount\"D\n\x12\x45\x63hoStreamResponse\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\x12\x14\n\x05index\x18\x02 \x01(\x05R\x05index\"+\n\x0f\x45\x63hoChatRequest\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\",\n\x10\x45\x63hoChatResponse\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload2\xe6\x04\n\x0cProbeService\x12P\n\x04\x45\x63ho\x12 .megacity.testing.v1.EchoRequest\x1a!.megacity.testing.v1.EchoResponse\"\x03\x90\x02\x01\x12K\n\x04\x46\x61il\x12 .megacity.testing.v1.FailRequest\x1a!.megacity.testing.v1.FailResponse\x12N\n\x05Sleep\x12!.megacity.testing.v1.SleepRequest\x1a\".megacity.testing.v1.SleepResponse\x12Y\n\x07Inspect\x12#.megacity.testing.v1.InspectRequest\x1a$.megacity.testing.v1.InspectResponse\"\x03\x90\x02\x01\x12N\n\x05Relay\x12!.megacity.testing.v1.RelayRequest\x1a\".megacity.testing.v1.RelayResponse\x12_\n\nEchoStream\x12&.megacity.testing.v1.EchoStreamRequest\x1a\'.megacity.testing.v1.EchoStreamResponse0\x01\x12[\n\x08\x45\x63hoChat\x12$.megacity.testing.v1.EchoChatRequest\x1a%.megacity.testing.v1.EchoChatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmegacity/testing/v1/probe.proto\x12\x13megacity.testing.v1\"\'\n\x0b\x45\x63hoRequest\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\"(\n\x0c\x45\x63hoResponse\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\"\xd3\x01\n\x0b\x46\x61ilRequest\x12\x39\n\x04mode\x18\x01 \x01(\x0e\x32%.megacity.testing.v1.FailRequest.ModeR\x04mode\x12\x16\n\x06secret\x18\x02 \x01(\tR\x06secret\"q\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODE_INVALID_ARGUMENT\x10\x01\x12\x12\n\x0eMODE_NOT_FOUND\x10\x02\x12\x0e\n\nMODE_CRASH\x10\x03\x12\x14\n\x10MODE_UNAVAILABLE\x10\x04\"\x0e\n\x0c\x46\x61ilResponse\"(\n\x0cSleepRequest\x12\x18\n\x07seconds\x18\x01 \x01(\x01R\x07seconds\"4\n\rSleepResponse\x12#\n\rslept_seconds\x18\x01 \x01(\x01R\x0csleptSeconds\"\x10\n\x0eInspectRequest\"\xb2\x01\n\x0fInspectResponse\x12\'\n\x0f\x63\x61ller_identity\x18\x01 \x01(\tR\x0e\x63\x61llerIdentity\x12\x1d\n\nrequest_id\x18\x02 \x01(\tR\trequestId\x12\x19\n\x08trace_id\x18\x03 \x01(\tR\x07traceId\x12<\n\x1a\x64\x65\x61\x64line_remaining_seconds\x18\x04 \x01(\x01R\x18\x64\x65\x61\x64lineRemainingSeconds\"3\n\x0cRelayRequest\x12#\n\rdelay_seconds\x18\x01 \x01(\x01R\x0c\x64\x65laySeconds\"\x97\x01\n\rRelayResponse\x12@\n\x08upstream\x18\x01 \x01(\x0b\x32$.megacity.testing.v1.InspectResponseR\x08upstream\x12\x44\n\ndownstream\x18\x02 \x01(\x0b\x32$.megacity.testing.v1.InspectResponseR\ndownstream\"<\n\x0c\x46lakyRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x1a\n\x08\x66\x61ilures\x18\x02 \x01(\x05R\x08\x66\x61ilures\"+\n\rFlakyResponse\x12\x1a\n\x08\x61ttempts\x18\x01 \x01(\x05R\x08\x61ttempts\"C\n\x11\x45\x63hoStreamRequest\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\x12\x14\n\x05\x63ount\x18\x02 \x01(\x05R\x05\x63ount\"D\n\x12\x45\x63hoStreamResponse\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\x12\x14\n\x05index\x18\x02 \x01(\x05R\x05index\"+\n\x0f\x45\x63hoChatRequest\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload\",\n\x10\x45\x63hoChatResponse\x12\x18\n\x07payload\x18\x01 \x01(\tR\x07payload2\xbb\x05\n\x0cProbeService\x12P\n\x04\x45\x63ho\x12 .megacity.testing.v1.EchoRequest\x1a!.megacity.testing.v1.EchoResponse\"\x03\x90\x02\x01\x12K\n\x04\x46\x61il\x12 .megacity.testing.v1.FailRequest\x1a!.megacity.testing.v1.FailResponse\x12N\n\x05Sleep\x12!.megacity.testing.v1.SleepRequest\x1a\".megacity.testing.v1.SleepResponse\x12Y\n\x07Inspect\x12#.megacity.testing.v1.InspectRequest\x1a$.megacity.testing.v1.InspectResponse\"\x03\x90\x02\x01\x12N\n\x05Relay\x12!.megacity.testing.v1.RelayRequest\x1a\".megacity.testing.v1.RelayResponse\x12S\n\x05\x46laky\x12!.megacity.testing.v1.FlakyRequest\x1a\".megacity.testing.v1.FlakyResponse\"\x03\x90\x02\x02\x12_\n\nEchoStream\x12&.megacity.testing.v1.EchoStreamRequest\x1a\'.megacity.testing.v1.EchoStreamResponse0\x01\x12[\n\x08\x45\x63hoChat\x12$.megacity.testing.v1.EchoChatRequest\x1a%.megacity.testing.v1.EchoChatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROBESERVICE'].methods_by_name['Echo']._serialized_options = b'\220\002\001'
   _globals['_PROBESERVICE'].methods_by_name['Inspect']._loaded_options = None
   _globals['_PROBESERVICE'].methods_by_name['Inspect']._serialized_options = b'\220\002\001'
+  _globals['_PROBESERVICE'].methods_by_name['Flaky']._loaded_options = None
+  _globals['_PROBESERVICE'].methods_by_name['Flaky']._serialized_options = b'\220\002\002'
   _globals['_ECHOREQUEST']._serialized_start=56
   _globals['_ECHOREQUEST']._serialized_end=95
   _globals['_ECHORESPONSE']._serialized_start=97
   _globals['_ECHORESPONSE']._serialized_end=137
   _globals['_FAILREQUEST']._serialized_start=140
-  _globals['_FAILREQUEST']._serialized_end=329
+  _globals['_FAILREQUEST']._serialized_end=351
   _globals['_FAILREQUEST_MODE']._serialized_start=238
-  _globals['_FAILREQUEST_MODE']._serialized_end=329
-  _globals['_FAILRESPONSE']._serialized_start=331
-  _globals['_FAILRESPONSE']._serialized_end=345
-  _globals['_SLEEPREQUEST']._serialized_start=347
-  _globals['_SLEEPREQUEST']._serialized_end=387
-  _globals['_SLEEPRESPONSE']._serialized_start=389
-  _globals['_SLEEPRESPONSE']._serialized_end=441
-  _globals['_INSPECTREQUEST']._serialized_start=443
-  _globals['_INSPECTREQUEST']._serialized_end=459
-  _globals['_INSPECTRESPONSE']._serialized_start=462
-  _globals['_INSPECTRESPONSE']._serialized_end=640
-  _globals['_RELAYREQUEST']._serialized_start=642
-  _globals['_RELAYREQUEST']._serialized_end=693
-  _globals['_RELAYRESPONSE']._serialized_start=696
-  _globals['_RELAYRESPONSE']._serialized_end=847
-  _globals['_ECHOSTREAMREQUEST']._serialized_start=849
-  _globals['_ECHOSTREAMREQUEST']._serialized_end=916
-  _globals['_ECHOSTREAMRESPONSE']._serialized_start=918
-  _globals['_ECHOSTREAMRESPONSE']._serialized_end=986
-  _globals['_ECHOCHATREQUEST']._serialized_start=988
-  _globals['_ECHOCHATREQUEST']._serialized_end=1031
-  _globals['_ECHOCHATRESPONSE']._serialized_start=1033
-  _globals['_ECHOCHATRESPONSE']._serialized_end=1077
-  _globals['_PROBESERVICE']._serialized_start=1080
-  _globals['_PROBESERVICE']._serialized_end=1694
+  _globals['_FAILREQUEST_MODE']._serialized_end=351
+  _globals['_FAILRESPONSE']._serialized_start=353
+  _globals['_FAILRESPONSE']._serialized_end=367
+  _globals['_SLEEPREQUEST']._serialized_start=369
+  _globals['_SLEEPREQUEST']._serialized_end=409
+  _globals['_SLEEPRESPONSE']._serialized_start=411
+  _globals['_SLEEPRESPONSE']._serialized_end=463
+  _globals['_INSPECTREQUEST']._serialized_start=465
+  _globals['_INSPECTREQUEST']._serialized_end=481
+  _globals['_INSPECTRESPONSE']._serialized_start=484
+  _globals['_INSPECTRESPONSE']._serialized_end=662
+  _globals['_RELAYREQUEST']._serialized_start=664
+  _globals['_RELAYREQUEST']._serialized_end=715
+  _globals['_RELAYRESPONSE']._serialized_start=718
+  _globals['_RELAYRESPONSE']._serialized_end=869
+  _globals['_FLAKYREQUEST']._serialized_start=871
+  _globals['_FLAKYREQUEST']._serialized_end=931
+  _globals['_FLAKYRESPONSE']._serialized_start=933
+  _globals['_FLAKYRESPONSE']._serialized_end=976
+  _globals['_ECHOSTREAMREQUEST']._serialized_start=978
+  _globals['_ECHOSTREAMREQUEST']._serialized_end=1045
+  _globals['_ECHOSTREAMRESPONSE']._serialized_start=1047
+  _globals['_ECHOSTREAMRESPONSE']._serialized_end=1115
+  _globals['_ECHOCHATREQUEST']._serialized_start=1117
+  _globals['_ECHOCHATREQUEST']._serialized_end=1160
+  _globals['_ECHOCHATRESPONSE']._serialized_start=1162
+  _globals['_ECHOCHATRESPONSE']._serialized_end=1206
+  _globals['_PROBESERVICE']._serialized_start=1209
+  _globals['_PROBESERVICE']._serialized_end=1908
 # @@protoc_insertion_point(module_scope)

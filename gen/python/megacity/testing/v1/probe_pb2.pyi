@@ -72,6 +72,8 @@ class FailRequest(_message.Message):
         """A DomainError of NOT_FOUND."""
         MODE_CRASH: FailRequest._Mode.ValueType  # 3
         """An unexpected exception whose message must not reach the caller."""
+        MODE_UNAVAILABLE: FailRequest._Mode.ValueType  # 4
+        """UNAVAILABLE (retryable), from a method that is not idempotent: clients must not retry it."""
 
     class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
     MODE_UNSPECIFIED: FailRequest.Mode.ValueType  # 0
@@ -81,6 +83,8 @@ class FailRequest(_message.Message):
     """A DomainError of NOT_FOUND."""
     MODE_CRASH: FailRequest.Mode.ValueType  # 3
     """An unexpected exception whose message must not reach the caller."""
+    MODE_UNAVAILABLE: FailRequest.Mode.ValueType  # 4
+    """UNAVAILABLE (retryable), from a method that is not idempotent: clients must not retry it."""
 
     MODE_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
@@ -241,6 +245,48 @@ class RelayResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RelayResponse: _TypeAlias = RelayResponse  # noqa: Y015
+
+@_typing.final
+class FlakyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    failures: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlakyRequest: _TypeAlias = FlakyRequest  # noqa: Y015
+
+@_typing.final
+class FlakyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    attempts: _builtins.int
+    """How many times the server was called with this key, this successful call included."""
+    def __init__(
+        self,
+        *,
+        attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlakyResponse: _TypeAlias = FlakyResponse  # noqa: Y015
 
 @_typing.final
 class EchoStreamRequest(_message.Message):

@@ -62,6 +62,11 @@ class ProbeServiceStub:
                 request_serializer=megacity_dot_testing_dot_v1_dot_probe__pb2.RelayRequest.SerializeToString,
                 response_deserializer=megacity_dot_testing_dot_v1_dot_probe__pb2.RelayResponse.FromString,
                 _registered_method=True)
+        self.Flaky = channel.unary_unary(
+                '/megacity.testing.v1.ProbeService/Flaky',
+                request_serializer=megacity_dot_testing_dot_v1_dot_probe__pb2.FlakyRequest.SerializeToString,
+                response_deserializer=megacity_dot_testing_dot_v1_dot_probe__pb2.FlakyResponse.FromString,
+                _registered_method=True)
         self.EchoStream = channel.unary_stream(
                 '/megacity.testing.v1.ProbeService/EchoStream',
                 request_serializer=megacity_dot_testing_dot_v1_dot_probe__pb2.EchoStreamRequest.SerializeToString,
@@ -115,6 +120,14 @@ class ProbeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flaky(self, request, context):
+        """Fails with UNAVAILABLE the first `failures` times it is called with a `key`, then succeeds: for the
+        client's retry policy, which retries idempotent methods only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EchoStream(self, request, context):
         """Streams `count` echoes back.
         """
@@ -156,6 +169,11 @@ def add_ProbeServiceServicer_to_server(servicer, server):
                     servicer.Relay,
                     request_deserializer=megacity_dot_testing_dot_v1_dot_probe__pb2.RelayRequest.FromString,
                     response_serializer=megacity_dot_testing_dot_v1_dot_probe__pb2.RelayResponse.SerializeToString,
+            ),
+            'Flaky': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flaky,
+                    request_deserializer=megacity_dot_testing_dot_v1_dot_probe__pb2.FlakyRequest.FromString,
+                    response_serializer=megacity_dot_testing_dot_v1_dot_probe__pb2.FlakyResponse.SerializeToString,
             ),
             'EchoStream': grpc.unary_stream_rpc_method_handler(
                     servicer.EchoStream,
@@ -306,6 +324,33 @@ class ProbeService:
             '/megacity.testing.v1.ProbeService/Relay',
             megacity_dot_testing_dot_v1_dot_probe__pb2.RelayRequest.SerializeToString,
             megacity_dot_testing_dot_v1_dot_probe__pb2.RelayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flaky(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megacity.testing.v1.ProbeService/Flaky',
+            megacity_dot_testing_dot_v1_dot_probe__pb2.FlakyRequest.SerializeToString,
+            megacity_dot_testing_dot_v1_dot_probe__pb2.FlakyResponse.FromString,
             options,
             channel_credentials,
             insecure,

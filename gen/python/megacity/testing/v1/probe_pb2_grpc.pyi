@@ -28,6 +28,10 @@ class ProbeServiceStub:
     """Reports what the server knows about the call (caller identity, request id, remaining deadline)."""
     Relay: _aio.UnaryUnaryMultiCallable[_probe_pb2.RelayRequest, _probe_pb2.RelayResponse]
     """Calls Inspect on a downstream probe server: for propagation of trace, request id and deadline."""
+    Flaky: _aio.UnaryUnaryMultiCallable[_probe_pb2.FlakyRequest, _probe_pb2.FlakyResponse]
+    """Fails with UNAVAILABLE the first `failures` times it is called with a `key`, then succeeds: for the
+    client's retry policy, which retries idempotent methods only.
+    """
     EchoStream: _aio.UnaryStreamMultiCallable[_probe_pb2.EchoStreamRequest, _probe_pb2.EchoStreamResponse]
     """Streams `count` echoes back."""
     EchoChat: _aio.StreamStreamMultiCallable[_probe_pb2.EchoChatRequest, _probe_pb2.EchoChatResponse]
@@ -73,6 +77,15 @@ class ProbeServiceServicer:
         context: _aio.ServicerContext[_probe_pb2.RelayRequest, _abc.Awaitable[_probe_pb2.RelayResponse]],
     ) -> _abc.Awaitable[_probe_pb2.RelayResponse]:
         """Calls Inspect on a downstream probe server: for propagation of trace, request id and deadline."""
+
+    def Flaky(
+        self,
+        request: _probe_pb2.FlakyRequest,
+        context: _aio.ServicerContext[_probe_pb2.FlakyRequest, _abc.Awaitable[_probe_pb2.FlakyResponse]],
+    ) -> _abc.Awaitable[_probe_pb2.FlakyResponse]:
+        """Fails with UNAVAILABLE the first `failures` times it is called with a `key`, then succeeds: for the
+        client's retry policy, which retries idempotent methods only.
+        """
 
     def EchoStream(
         self,
