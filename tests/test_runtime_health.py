@@ -45,19 +45,21 @@ async def dependent_service(pki_dir: Path, postgres: EmbeddedPostgres, redis: Em
         yield service
 
 
-async def test_health_follows_a_stopped_and_restarted_postgres(
-    dependent_service: Service, postgres: EmbeddedPostgres, pki_dir: Path
+@pytest.mark.parametrize("dependency", ["postgres", "redis"])
+async def test_health_follows_a_stopped_and_restarted_dependency(
+    dependent_service: Service, dependency: str, request: pytest.FixtureRequest, pki_dir: Path
 ) -> None:
+    server: EmbeddedPostgres | EmbeddedRedis = request.getfixturevalue(dependency)
     async with channel_as("ops", dependent_service, pki_dir) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         assert await _status(stub) == SERVING
         assert await _status(stub, "megacity.testing.v1.ProbeService") == SERVING
-        await asyncio.to_thread(postgres.stop)
+        await asyncio.to_thread(server.stop)
         try:
             await _eventually(stub, NOT_SERVING)
             assert await _status(stub, "megacity.testing.v1.ProbeService") == NOT_SERVING
         finally:
-            await asyncio.to_thread(postgres.start)
+            await asyncio.to_thread(server.start)
         await _eventually(stub, SERVING)
 
 
@@ -87,20 +89,6 @@ async def test_kubernetes_probes_on_the_metrics_port_follow_health(
     while await asyncio.to_thread(_probe, dependent_service, "/readyz") != 200:
         assert time.monotonic() < deadline, "/readyz never recovered"
         await asyncio.sleep(0.1)
-
-
-async def test_health_follows_a_stopped_and_restarted_redis(
-    dependent_service: Service, redis: EmbeddedRedis, pki_dir: Path
-) -> None:
-    async with channel_as("ops", dependent_service, pki_dir) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        assert await _status(stub) == SERVING
-        await asyncio.to_thread(redis.stop)
-        try:
-            await _eventually(stub, NOT_SERVING)
-        finally:
-            await asyncio.to_thread(redis.start)
-        await _eventually(stub, SERVING)
 
 
 async def test_a_service_starts_not_serving_while_postgres_is_down_and_recovers(

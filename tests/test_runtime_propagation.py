@@ -6,6 +6,7 @@ import asyncio
 import functools
 import re
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,9 @@ from tests.support.probe import ProbeServicer
 from tests.support.probe import servicers as probe_servicers
 
 
-async def test_request_id_trace_and_deadline_cross_a_hop(pki_dir: Path) -> None:
+@pytest.fixture
+async def relay(pki_dir: Path) -> AsyncIterator[probe_pb2_grpc.ProbeServiceStub]:
+    """A probe whose Relay calls a second probe over the mesh, as the `probe` identity."""
     catalog = mesh_catalog()
     async with running_probe(pki_dir, catalog) as downstream:
         relay_build = functools.partial(probe_servicers, downstream=f"127.0.0.1:{downstream.port}")
@@ -30,9 +33,13 @@ async def test_request_id_trace_and_deadline_cross_a_hop(pki_dir: Path) -> None:
             running(make_config(catalog, "probe", pki_dir), relay_build) as upstream,
             channel_as("ops", upstream, pki_dir) as channel,
         ):
-            reply = await probe_pb2_grpc.ProbeServiceStub(channel).Relay(
-                probe_pb2.RelayRequest(delay_seconds=0.3), timeout=5.0, metadata=(("x-request-id", "req-42"),)
-            )
+            yield probe_pb2_grpc.ProbeServiceStub(channel)
+
+
+async def test_request_id_trace_and_deadline_cross_a_hop(relay: probe_pb2_grpc.ProbeServiceStub) -> None:
+    reply = await relay.Relay(
+        probe_pb2.RelayRequest(delay_seconds=0.3), timeout=5.0, metadata=(("x-request-id", "req-42"),)
+    )
     assert reply.upstream.request_id == reply.downstream.request_id == "req-42"
     assert reply.downstream.caller_identity == "probe"
     assert re.fullmatch("[0-9a-f]{32}", reply.upstream.trace_id)
@@ -43,18 +50,11 @@ async def test_request_id_trace_and_deadline_cross_a_hop(pki_dir: Path) -> None:
     assert 0 < reply.downstream.deadline_remaining_seconds <= reply.upstream.deadline_remaining_seconds + 0.05
 
 
-async def test_a_spent_deadline_fails_the_next_hop_with_deadline_exceeded(pki_dir: Path) -> None:
-    catalog = mesh_catalog()
-    async with running_probe(pki_dir, catalog) as downstream:
-        relay_build = functools.partial(probe_servicers, downstream=f"127.0.0.1:{downstream.port}")
-        async with (
-            running(make_config(catalog, "probe", pki_dir), relay_build) as upstream,
-            channel_as("ops", upstream, pki_dir) as channel,
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as expired:
-                await probe_pb2_grpc.ProbeServiceStub(channel).Relay(
-                    probe_pb2.RelayRequest(delay_seconds=0.5), timeout=0.4
-                )
+async def test_a_spent_deadline_fails_the_next_hop_with_deadline_exceeded(
+    relay: probe_pb2_grpc.ProbeServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await relay.Relay(probe_pb2.RelayRequest(delay_seconds=0.5), timeout=0.4)
     assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
 

@@ -84,7 +84,7 @@ class _Route:
 class _Call(callcontext.CallInfo):
     """One call in flight: what code inside the call may read, and what the interceptor needs to finish it."""
 
-    __slots__ = ("route", "span", "started", "token")
+    __slots__ = ("code", "route", "span", "started", "token")
 
     def __init__(
         self,
@@ -102,6 +102,7 @@ class _Call(callcontext.CallInfo):
         self.span = span
         self.token = token
         self.started = started
+        self.code = grpc.StatusCode.OK  # until an escaping exception says otherwise
 
 
 # grpc's classes are generic only in their type stubs, so the base class cannot carry type arguments.
@@ -150,17 +151,14 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def unary(request: Any, context: Context) -> Any:
             call = self._begin(route, context)
-            code = grpc.StatusCode.OK
             try:
                 self._authorize(call)
                 return await behavior(request, context)
             except BaseException as error:
-                code, reply = self._outcome(call, context, error)
-                if reply is None:
-                    raise
-                await context.abort(reply.code, reply.message, trailing_metadata=_status_trailer(reply))
+                await self._fail(call, context, error)
+                raise
             finally:
-                self._finish(call, context, code)
+                self._finish(call, context)
 
         return unary
 
@@ -169,18 +167,15 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             call = self._begin(route, context)
-            code = grpc.StatusCode.OK
             try:
                 self._authorize(call)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as error:
-                code, reply = self._outcome(call, context, error)
-                if reply is None:
-                    raise
-                await context.abort(reply.code, reply.message, trailing_metadata=_status_trailer(reply))
+                await self._fail(call, context, error)
+                raise
             finally:
-                self._finish(call, context, code)
+                self._finish(call, context)
 
         return streaming
 
@@ -222,6 +217,13 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 metadata={"caller": call.caller, "method": call.route.path},
             )
 
+    async def _fail(self, call: _Call, context: Context, error: BaseException) -> None:
+        """Ends the call with the status an escaping exception maps to: aborts with it (which raises) when
+        there is one to send, else returns and the caller re-raises the exception as it is."""
+        call.code, reply = self._outcome(call, context, error)
+        if reply is not None:
+            await context.abort(reply.code, reply.message, trailing_metadata=_status_trailer(reply))
+
     def _outcome(
         self, call: _Call, context: Context, error: BaseException
     ) -> tuple[grpc.StatusCode, ServiceError | None]:
@@ -248,7 +250,8 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         call.span.record_exception(error)
         return grpc.StatusCode.INTERNAL, Internal(f"internal error (error id {error_id})", error_id=error_id)
 
-    def _finish(self, call: _Call, context: Context, code: grpc.StatusCode) -> None:
+    def _finish(self, call: _Call, context: Context) -> None:
+        code = call.code
         if code is grpc.StatusCode.OK:
             code = context.code() or grpc.StatusCode.OK
         elapsed = time.perf_counter() - call.started
