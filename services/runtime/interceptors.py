@@ -1,8 +1,10 @@
-"""The server interceptor every service runs: identity, authorization, tracing, call context, errors, logs, metrics.
+"""What the runtime does around every call: identity, authorization, tracing, call context, errors, logs, metrics.
 
-One interceptor does it all, with the per-method work (route, allowed callers, metric children, span
-attributes) computed once per method: it costs a fraction of what a chain of separate interceptors costs
-(tests/bench/bench_runtime.py measures it). Per call it:
+Every method handler is wrapped once, when its servicer is registered (`Registrar` stands in for the server
+for the generated `add_*_to_server` functions), and the per-method work (route, allowed callers, span
+attributes) is done then too, so a call goes straight to its wrapped handler without grpc's per-call
+interceptor pipeline. One wrapper does everything: a chain of separate interceptors (OpenTelemetry's own
+server interceptor alone) cost several times the per-call budget (tests/bench/bench_runtime.py). Per call it:
 
 1. identifies the caller (mTLS SPIFFE ID or Linkerd client id) and checks the catalog policy, refusing
    with PERMISSION_DENIED (UNAUTHENTICATED without an identity) and logging the decision;
@@ -22,7 +24,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -105,33 +107,17 @@ class _Call(callcontext.CallInfo):
         self.code = grpc.StatusCode.OK  # until an escaping exception says otherwise
 
 
-# grpc's classes are generic only in their type stubs, so the base class cannot carry type arguments.
-class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, service: str, policy: MethodPolicy, identify: Identify, metrics: RpcMetrics) -> None:
-        self._service = service
+class RuntimeInterceptor:
+    """Wraps a service's method handlers with the per-call work described above."""
+
+    def __init__(self, policy: MethodPolicy, identify: Identify, metrics: RpcMetrics) -> None:
         self._policy = policy
         self._identify = identify
         self._metrics = metrics
         self._spans = ServerSpans()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        path: str = handler_call_details.method
-        cached = self._wrapped.get(path)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(path, handler)
-        self._wrapped[path] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler of `path` with the runtime's per-call work around it."""
         h: Any = handler
         callers = self._policy.callers_for(path)
         if h.unary_unary is not None:
@@ -277,3 +263,35 @@ class RuntimeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             request_id=call.request_id,
             trace_id=call.trace_id,
         )
+
+
+class Registrar:
+    """Stands in for the server when servicers register, so that every method handler is wrapped once.
+
+    The generated `add_<Service>Servicer_to_server(servicer, server)` functions hand the same method handlers
+    to `add_generic_rpc_handlers` and `add_registered_method_handlers`; this registers the wrapped ones both
+    ways on the real server. A generic handler that arrives without its registered form cannot be wrapped, so
+    `check_complete` refuses it rather than let a method bypass authorization.
+    """
+
+    def __init__(self, server: grpc.aio.Server, interceptor: RuntimeInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+        self._generic: set[str] = set()
+        self._registered: set[str] = set()
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]) -> None:
+        self._generic.update(handler.service_name() for handler in handlers)  # type: ignore[attr-defined]
+
+    def add_registered_method_handlers(
+        self, service: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        wrapped = {name: self._interceptor.wrap(f"/{service}/{name}", h) for name, h in method_handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]
+        self._registered.add(service)
+
+    def check_complete(self) -> None:
+        unwrapped = self._generic - self._registered
+        if unwrapped:
+            raise RuntimeError(f"handlers registered without add_registered_method_handlers: {sorted(unwrapped)}")

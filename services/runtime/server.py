@@ -22,7 +22,8 @@ import grpc
 import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from redis.asyncio import Redis
 
 from services.runtime.catalog import load_catalog
@@ -31,7 +32,7 @@ from services.runtime.config import ServiceConfig, Transport
 from services.runtime.contracts import default_pool
 from services.runtime.health import HealthMonitor, HealthServicer, Probe
 from services.runtime.identity import identifier
-from services.runtime.interceptors import RuntimeInterceptor
+from services.runtime.interceptors import Registrar, RuntimeInterceptor
 from services.runtime.pki import ensure_credentials
 from services.runtime.policy import MethodPolicy, resolve_rules
 from services.runtime.telemetry import (
@@ -133,19 +134,16 @@ class Service:
 
         metrics = RpcMetrics()
         policy = MethodPolicy(resolve_rules(config.entry, self._pool))
-        server = grpc.aio.server(
-            interceptors=[
-                RuntimeInterceptor(config.name, policy, identifier(config.catalog, config.transport), metrics)
-            ],
-            options=SERVER_OPTIONS,
-        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        interceptor = RuntimeInterceptor(policy, identifier(config.catalog, config.transport), metrics)
+        registrar: Any = Registrar(server, interceptor)  # what the generated add_*_to_server functions need of a server
         for binding in bindings:
-            binding.add_to_server(binding.servicer, server)
+            binding.add_to_server(binding.servicer, registrar)
         health_servicer = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*config.entry.grpc_services, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
-        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+        reflected = (*config.entry.grpc_services, "grpc.health.v1.Health", reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(reflected), registrar)
+        registrar.check_complete()
         address = f"{config.bind_host}:{config.port}"
         if credentials is not None:
             server_credentials = grpc.ssl_server_credentials(

@@ -2,7 +2,7 @@
 
 - Logs: structlog, one JSON object per line on stdout; third-party stdlib logging is rendered the same way.
   Info lines are written in batches (a LogWriter flushed every 100 ms by the service's event loop, and at
-  exit); warnings and errors go out at once. The per-call access log is rendered in those batches too.
+  exit); warnings and errors go out at once.
 - Traces: OpenTelemetry SDK; spans are exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set
   (the sampler follows the standard OTEL_TRACES_SAMPLER variables). Trace ids appear in the logs either way.
 - Metrics: Prometheus, per-method call counts by status code and a latency histogram, on the metrics port,
@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import bisect
-import datetime
 import logging
 import math
 import os
 import random
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
@@ -71,62 +69,40 @@ def add_call_context(_: object, __: str, event: structlog.types.EventDict) -> st
     return event
 
 
-def _iso(at: float) -> str:
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def add_timestamp(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
-    """ISO 8601 UTC, unless the line brings its own (access-log lines are rendered after the call)."""
-    if "timestamp" not in event:
-        event["timestamp"] = _iso(time.time())
-    return event
-
-
+_TIMESTAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
 _SHARED_PROCESSORS: list[structlog.types.Processor] = [
     structlog.contextvars.merge_contextvars,
     add_call_context,
     structlog.processors.add_log_level,
-    add_timestamp,
+    _TIMESTAMPER,
 ]
-
-_AccessEntry = tuple[float, str, str | None, str, float, str, str]
-_ACCESS_BATCH_LIMIT = 1000
 
 
 class AccessLog:
     """One `rpc` line per served call: method, caller, code, latency, request id, trace id.
 
-    The lines go through the same structlog pipeline as every other line, but once logging is configured
-    they are rendered in batches by the log flusher instead of inside the call: the call only appends a
-    tuple. Rendering a JSON line inside every call was the largest single cost of the runtime per call.
+    Once logging is configured, the line goes through a structlog logger of its own whose pipeline is only
+    what this line needs (timestamp, JSON): it is written on every call, and the shared pipeline
+    (context variables, call context, exception rendering) cost more than the rest of the call's runtime work.
     """
 
     def __init__(self) -> None:
-        self._pending: list[_AccessEntry] = []
-        self.batched = False
-        self._log = structlog.get_logger("megacity.rpc")
+        self._log: Any = structlog.get_logger("megacity.rpc")
+
+    def configure(self, writer: LogWriter, level: int, service: str) -> None:
+        self._log = structlog.wrap_logger(
+            writer,
+            processors=[_TIMESTAMPER, structlog.processors.JSONRenderer(serializer=orjson.dumps)],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            service=service,
+            level="info",
+        ).bind()  # the bound logger itself: a lazy proxy would rebuild it on every call
 
     def record(
         self, method: str, caller: str | None, code: str, latency_ms: float, request_id: str, trace_id: str
     ) -> None:
-        entry = (time.time(), method, caller, code, latency_ms, request_id, trace_id)
-        if not self.batched:
-            self._emit(entry)
-            return
-        self._pending.append(entry)
-        if len(self._pending) >= _ACCESS_BATCH_LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for entry in pending:
-            self._emit(entry)
-
-    def _emit(self, entry: _AccessEntry) -> None:
-        at, method, caller, code, latency_ms, request_id, trace_id = entry
         self._log.info(
             "rpc",
-            timestamp=_iso(at),
             method=method,
             caller=caller,
             code=code,
@@ -185,7 +161,6 @@ _log_writer: LogWriter | None = None
 
 
 def flush_logs() -> None:
-    access_log.flush()
     if _log_writer is not None:
         _log_writer.flush()
 
@@ -203,9 +178,9 @@ async def flush_logs_periodically() -> None:
 def configure_logging(level: str, service: str) -> None:
     global _log_writer
     _log_writer = writer = LogWriter(sys.stdout.fileno())
-    access_log.batched = True
     atexit.register(flush_logs)
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    access_log.configure(writer, numeric, service)
     structlog.configure(
         processors=[
             *_SHARED_PROCESSORS,
