@@ -89,7 +89,16 @@ async def test_sigterm_completes_the_in_flight_call_then_exits_cleanly(pki_dir: 
     finally:
         if server.poll() is None:
             server.kill()
-    events = [json.loads(line)["event"] for line in log_path.read_text().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
     assert events.index("service.stopping") < events.index("service.stopped")
-    sleep_logged = [json.loads(line) for line in log_path.read_text().splitlines() if "ProbeService/Sleep" in line]
-    assert sleep_logged[0]["code"] == "OK"
+    sleep = next(line for line in lines if line.get("method") == "/megacity.testing.v1.ProbeService/Sleep")
+    assert sleep["event"] == "rpc"
+    assert sleep["code"] == "OK"
+    assert sleep["caller"] == "ops"
+    assert sleep["service"] == "probe"
+    assert sleep["level"] == "info"
+    assert sleep["latency_ms"] >= 1500
+    assert len(sleep["trace_id"]) == 32
+    assert sleep["request_id"] == sleep["trace_id"]  # no x-request-id was sent
+    assert sleep["timestamp"].endswith("Z")

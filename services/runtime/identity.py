@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -17,6 +18,8 @@ from services.runtime.catalog import Catalog
 from services.runtime.config import Transport
 
 LINKERD_CLIENT_ID = "l5d-client-id"
+_KNOWN_LIMIT = 1024  # identities remembered; bounded even if a caller could choose what it presents
+_Key = TypeVar("_Key", str, bytes)
 _LINKERD_IDENTITY = re.compile(
     r"(?P<account>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(?P<namespace>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
     r"\.serviceaccount\.identity\.linkerd\.[a-z0-9.-]+"
@@ -33,18 +36,29 @@ def from_linkerd_client_id(catalog: Catalog, client_id: str) -> str | None:
     return catalog.name_of(catalog.spiffe_id(match["account"]))
 
 
+def _remembered(known: dict[_Key, str], key: _Key, resolve: Callable[[_Key], str | None]) -> str | None:
+    """The catalog name for `key`, resolved once: identities are checked on every call."""
+    name = known.get(key)
+    if name is None:
+        name = resolve(key)
+        if name is not None and len(known) < _KNOWN_LIMIT:
+            known[key] = name
+    return name
+
+
 def identifier(catalog: Catalog, transport: Transport) -> Identify:
     if transport is Transport.LINKERD:
+        known: dict[str, str] = {}
 
         def identify_linkerd(context: grpc.aio.ServicerContext[object, object]) -> str | None:
             for key, value in context.invocation_metadata() or ():
                 if key == LINKERD_CLIENT_ID and isinstance(value, str):
-                    return from_linkerd_client_id(catalog, value)
+                    return _remembered(known, value, lambda client_id: from_linkerd_client_id(catalog, client_id))
             return None
 
         return identify_linkerd
 
-    names: dict[bytes, str | None] = {}  # bounded: only our CA's certificates get this far
+    known_ids: dict[bytes, str] = {}
 
     def identify_mtls(context: grpc.aio.ServicerContext[object, object]) -> str | None:
         # The certificate's SANs (peer_identities) are much cheaper to read than the whole auth_context();
@@ -57,8 +71,6 @@ def identifier(catalog: Catalog, transport: Transport) -> Identify:
                 spiffe_id = san
         if spiffe_id is None:
             return None
-        if spiffe_id not in names:
-            names[spiffe_id] = catalog.name_of(spiffe_id.decode())
-        return names[spiffe_id]
+        return _remembered(known_ids, spiffe_id, lambda raw: catalog.name_of(raw.decode()))
 
     return identify_mtls
