@@ -62,7 +62,7 @@ _SERVER_FAULTS = frozenset(
     }
 )
 
-_CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name is slow on the hot path
+_CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name (and hashing) is slow on the hot path
 _log = structlog.get_logger("megacity.rpc")
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -99,7 +99,10 @@ class _Call(callcontext.CallInfo):
         token: object,
         started: float,
     ) -> None:
-        super().__init__(request_id, caller, deadline, trace_id)
+        self.request_id = request_id
+        self.caller = caller
+        self.deadline = deadline
+        self.trace_id = trace_id
         self.route = route
         self.span = span
         self.token = token
@@ -242,8 +245,9 @@ class RuntimeInterceptor:
             code = context.code() or grpc.StatusCode.OK
         elapsed = time.perf_counter() - call.started
         route = call.route
-        self._metrics.observe(route.path, route.rpc_type, code, elapsed)
-        access_log.record(route.path, call.caller, _CODE_NAMES[code], elapsed * 1000, call.request_id, call.trace_id)
+        name = _CODE_NAMES[code]
+        self._metrics.observe(route.path, route.rpc_type, name, elapsed)
+        access_log.record(route.path, call.caller, name, elapsed * 1000, call.request_id, call.trace_id)
         span = call.span
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])

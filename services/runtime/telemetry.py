@@ -15,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import bisect
-import datetime
 import logging
 import math
 import os
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer, make_server
 
-import grpc
 import orjson
 import structlog
 from opentelemetry import propagate, trace
@@ -94,9 +93,21 @@ class AccessLog:
         self._writer: LogWriter | None = None
         self._enabled = True
         self._service = ""
+        self._second = -1
+        self._second_text = ""
 
     def configure(self, writer: LogWriter, level: int, service: str) -> None:
         self._writer, self._enabled, self._service = writer, level <= logging.INFO, service
+
+    def _timestamp(self) -> str:
+        """ISO 8601 UTC with microseconds, as structlog's TimeStamper writes it; the date part changes once a
+        second, so it is formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1_000_000):06d}Z"
 
     def record(
         self, method: str, caller: str | None, code: str, latency_ms: float, request_id: str, trace_id: str
@@ -122,7 +133,7 @@ class AccessLog:
                 "event": "rpc",
                 "service": self._service,
                 "level": "info",
-                "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+                "timestamp": self._timestamp(),
             }
             self._writer.write(orjson.dumps(line) + b"\n")
 
@@ -289,7 +300,7 @@ class _MethodStats:
     __slots__ = ("bucket_counts", "codes", "count", "total_seconds")
 
     def __init__(self) -> None:
-        self.codes: dict[grpc.StatusCode, int] = {}
+        self.codes: dict[str, int] = {}
         self.bucket_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
         self.count = 0
         self.total_seconds = 0.0
@@ -309,7 +320,8 @@ class RpcMetrics(Collector):
         self.registry.register(self)
         self._stats: dict[tuple[str, str], _MethodStats] = {}
 
-    def observe(self, path: str, rpc_type: str, code: grpc.StatusCode, seconds: float) -> None:
+    def observe(self, path: str, rpc_type: str, code: str, seconds: float) -> None:
+        """Count a finished call; `code` is the status code's name (OK, NOT_FOUND, ...)."""
         stats = self._stats.get((path, rpc_type))
         if stats is None:
             stats = self._stats[(path, rpc_type)] = _MethodStats()
@@ -332,7 +344,7 @@ class RpcMetrics(Collector):
         for (path, rpc_type), stats in list(self._stats.items()):
             service, _, method = path.lstrip("/").partition("/")
             for code, count in list(stats.codes.items()):
-                handled.add_metric([service, method, rpc_type, code.name], count)
+                handled.add_metric([service, method, rpc_type, code], count)
             cumulative, buckets = 0, []
             for bound, count in zip((*LATENCY_BUCKETS, math.inf), list(stats.bucket_counts), strict=True):
                 cumulative += count
