@@ -123,14 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--check", action="store_true", help="fail if anything generated is stale")
     gen.set_defaults(handler=_gen)
 
-    check = commands.add_parser("check", help="what CI runs: ruff, mypy --strict, buf lint/breaking, freshness, pytest")
-    check.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest")
+    check = commands.add_parser(
+        "check",
+        help="what CI runs: ruff, mypy --strict, buf lint/breaking, freshness, pytest (extra arguments go to pytest)",
+    )
     check.set_defaults(handler=_check)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "check":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.pytest_args = extra if args.command == "check" else []
     sys.exit(args.handler(args))
 
 
