@@ -8,8 +8,8 @@ server interceptor alone) cost several times the per-call budget (tests/bench/be
 
 1. identifies the caller (mTLS SPIFFE ID or Linkerd client id) and checks the catalog policy, refusing
    with PERMISSION_DENIED (UNAUTHENTICATED without an identity) and logging the decision;
-2. continues the caller's trace (W3C traceparent) in an OpenTelemetry SERVER span named after the method,
-   with the RPC semantic-convention attributes;
+2. continues the caller's trace (W3C traceparent): OpenTelemetry's SERVER span when spans are exported,
+   else the trace context alone (services/runtime/telemetry.py, ServerSpans);
 3. sets the call context other code reads: request id (x-request-id, else the trace id), caller, and the
    absolute deadline that outgoing calls inherit (services/runtime/channels.py);
 4. maps errors: a ServiceError becomes its status with google.rpc details; NotImplementedError (the
@@ -31,7 +31,6 @@ import grpc
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from services.runtime import callcontext
 from services.runtime.errors import (
@@ -50,17 +49,6 @@ from services.runtime.telemetry import RpcMetrics, ServerSpans, access_log
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
-# Server-side codes that mean the server failed (OpenTelemetry RPC conventions); the rest are the caller's.
-_SERVER_FAULTS = frozenset(
-    {
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
 
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name (and hashing) is slow on the hot path
 _log = structlog.get_logger("megacity.rpc")
@@ -76,11 +64,9 @@ class _Route:
     """What the interceptor knows about one method, computed once."""
 
     def __init__(self, path: str, rpc_type: str, callers: frozenset[str]) -> None:
-        service, _, method = path.lstrip("/").partition("/")
         self.path = path
         self.rpc_type = rpc_type
         self.callers = callers
-        self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
 class _Call(callcontext.CallInfo):
@@ -179,8 +165,7 @@ class RuntimeInterceptor:
             elif key in _TRACE_HEADERS and isinstance(value, str):
                 carrier[key] = value
         caller = self._identify(context)
-        span = self._spans.start(route.path, carrier, route.attributes)
-        token = otel_context.attach(trace.set_span_in_context(span))
+        span, token = self._spans.start(carrier)
         span_context = span.get_span_context()
         trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
         remaining = context.time_remaining()
@@ -248,15 +233,10 @@ class RuntimeInterceptor:
         name = _CODE_NAMES[code]
         self._metrics.observe(route.path, route.rpc_type, name, elapsed)
         access_log.record(route.path, call.caller, name, elapsed * 1000, call.request_id, call.trace_id)
-        span = call.span
-        if span.is_recording():
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if call.caller:
-                span.set_attribute("megacity.caller", call.caller)
-            if code in _SERVER_FAULTS:
-                span.set_status(Status(StatusCode.ERROR, code.name))
-            span.end()
-        otel_context.detach(call.token)  # type: ignore[arg-type]
+        if call.caller and call.span.is_recording():
+            call.span.set_attribute("megacity.caller", call.caller)
+        if call.token is not None:
+            otel_context.detach(call.token)  # type: ignore[arg-type]
 
     def _log_denial(self, call: _Call, why: str) -> None:
         _log.warning(

@@ -24,6 +24,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from redis.asyncio import Redis
 
 from services.runtime.catalog import load_catalog
@@ -40,6 +41,7 @@ from services.runtime.telemetry import (
     configure_logging,
     configure_tracing,
     flush_logs_periodically,
+    spans_exported,
     start_metrics_server,
 )
 
@@ -134,7 +136,9 @@ class Service:
 
         metrics = RpcMetrics()
         policy = MethodPolicy(resolve_rules(config.entry, self._pool))
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        # With exported spans, OpenTelemetry's own server interceptor makes each call's span (see ServerSpans).
+        tracing: list[Any] = [aio_server_interceptor()] if spans_exported() else []  # type: ignore[no-untyped-call]
+        server = grpc.aio.server(interceptors=tracing, options=SERVER_OPTIONS)
         interceptor = RuntimeInterceptor(policy, identifier(config.catalog, config.transport), metrics)
         registrar: Any = Registrar(server, interceptor)  # what the generated add_*_to_server functions need of a server
         for binding in bindings:

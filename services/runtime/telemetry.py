@@ -28,6 +28,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 
 import orjson
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -238,8 +239,9 @@ _exporting_spans = False
 
 
 def configure_tracing(service: str) -> TracerProvider:
-    """The process's tracer provider: spans are recorded and exported over OTLP when an endpoint is set.
-    Without one, nobody collects spans, so the runtime keeps only W3C trace context (see ServerSpans)."""
+    """The process's tracer provider: spans are recorded and exported over OTLP when an endpoint is set
+    (OTEL_EXPORTER_OTLP_ENDPOINT and the other standard OTEL_ variables). Without one, nobody collects spans,
+    so the runtime keeps only W3C trace context (see ServerSpans)."""
     global _exporting_spans
     resource = Resource.create({"service.name": f"megacity-{service}"})
     _exporting_spans = bool(
@@ -261,32 +263,38 @@ def configure_tracing(service: str) -> TracerProvider:
 _UNSAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 
 
-class ServerSpans:
-    """Starts the SERVER span of each served call, continuing the caller's W3C trace context.
+def spans_exported() -> bool:
+    """Whether this process records and exports spans (configure_tracing found an OTLP endpoint)."""
+    return _exporting_spans
 
-    When spans are exported, these are real SDK spans. When they are not, a span would be created only to be
-    dropped: the call gets a non-recording span that carries the trace id (the caller's, or a new random one)
-    and a new span id, exactly what an unsampled SDK span carries, for a fraction of its cost. Either way
-    the trace id reaches the logs and the next hop.
+
+class ServerSpans:
+    """The SERVER span of each served call, continuing the caller's W3C trace context.
+
+    When spans are exported, the span is OpenTelemetry's own: opentelemetry-instrumentation-grpc's server
+    interceptor made it, with the RPC conventions, and it is current already. When they are not, recording a
+    span only to drop it would cost more than the rest of the call's runtime work; the call gets a
+    non-recording span instead, with the trace id (the caller's, or a new random one) and a new span id,
+    exactly what an unsampled SDK span carries. Either way the trace id reaches the logs and the next hop.
     """
 
     def __init__(self) -> None:
-        self._tracer = trace.get_tracer("megacity.runtime") if _exporting_spans else None
+        self._own = not _exporting_spans
 
-    def start(self, name: str, carrier: dict[str, str], attributes: dict[str, str]) -> trace.Span:
-        parent = propagate.extract(carrier) if carrier else None
-        if self._tracer is not None:
-            return self._tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
-        upstream = trace.get_current_span(parent).get_span_context() if parent is not None else None
+    def start(self, carrier: dict[str, str]) -> tuple[trace.Span, object | None]:
+        """The call's span, and the context token to detach when the call ends (None: not ours to detach)."""
+        if not self._own:
+            return trace.get_current_span(), None
+        upstream = trace.get_current_span(propagate.extract(carrier)).get_span_context() if carrier else None
         if upstream is not None and upstream.is_valid:
             trace_id, flags, state = upstream.trace_id, upstream.trace_flags, upstream.trace_state
         else:
             # Trace and span ids are identifiers, not secrets: the SDK draws them from `random` too.
             trace_id, flags, state = random.getrandbits(128), _UNSAMPLED, None
-        span_id = random.getrandbits(64)
-        return trace.NonRecordingSpan(
-            trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
+        span = trace.NonRecordingSpan(
+            trace.SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=flags, trace_state=state)
         )
+        return span, otel_context.attach(trace.set_span_in_context(span))
 
 
 def current_trace_id() -> str:
