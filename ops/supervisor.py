@@ -28,8 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ops.embedded import EmbeddedPostgres, EmbeddedRedis, local_postgres, local_redis
 from services.runtime.catalog import Catalog, load_catalog
+from services.runtime.channels import mtls_channel
 from services.runtime.config import megacity_home, pki_dir, port_offset, target_of
-from services.runtime.pki import ensure_all, ensure_credentials, service_dns_name
+from services.runtime.pki import Credentials, ensure_all, ensure_credentials
 
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -87,7 +88,8 @@ def read_state() -> MeshState | None:
         return None
 
 
-def _alive(pid: int | None) -> bool:
+def process_running(pid: int | None) -> bool:
+    """Whether `pid` is a live process (a zombie, which still answers kill(0), is not)."""
     if not pid:
         return False
     try:
@@ -96,7 +98,6 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie still answers kill(0); it is not running.
     with contextlib.suppress(OSError):
         if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
             return False
@@ -106,16 +107,9 @@ def _alive(pid: int | None) -> bool:
 # --- health ---------------------------------------------------------------------------------------------
 
 
-async def _service_health(catalog: Catalog, name: str, address: str, timeout: float = 2.0) -> str:
+async def _service_health(catalog: Catalog, ops: Credentials, name: str, address: str, timeout: float = 2.0) -> str:
     """SERVING / NOT_SERVING / UNREACHABLE, asked over mTLS as the `ops` identity."""
-    credentials = ensure_credentials(pki_dir(), catalog, "ops")
-    channel = grpc.aio.secure_channel(
-        address,
-        grpc.ssl_channel_credentials(
-            credentials.root_certificates, credentials.private_key, credentials.certificate_chain
-        ),
-        options=[("grpc.ssl_target_name_override", service_dns_name(catalog, name))],
-    )
+    channel = mtls_channel(address, ops, catalog, name)
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
@@ -137,14 +131,15 @@ async def _tcp_reachable(address: str, timeout: float = 2.0) -> bool:
     return True
 
 
-async def _component_health(catalog: Catalog, component: Component) -> str:
+async def _component_health(catalog: Catalog, ops: Credentials, component: Component) -> str:
     if component.kind == "service":
-        return await _service_health(catalog, component.name, component.address)
+        return await _service_health(catalog, ops, component.name, component.address)
     return "SERVING" if await _tcp_reachable(component.address) else "UNREACHABLE"
 
 
 async def _all_health(catalog: Catalog, components: list[Component]) -> dict[str, str]:
-    results = await asyncio.gather(*(_component_health(catalog, c) for c in components))
+    ops = ensure_credentials(pki_dir(), catalog, "ops")
+    results = await asyncio.gather(*(_component_health(catalog, ops, c) for c in components))
     return {c.name: health for c, health in zip(components, results, strict=True)}
 
 
@@ -370,7 +365,7 @@ def supervise() -> int:
 
 def up(detach: bool, timeout: float) -> int:
     existing = read_state()
-    if existing is not None and _alive(existing.supervisor_pid):
+    if existing is not None and process_running(existing.supervisor_pid):
         print(f"megacity is already running (supervisor pid {existing.supervisor_pid}); `megacity down` stops it")
         return status(as_json=False)
     os.environ["MEGACITY_UP_TIMEOUT"] = str(timeout)
@@ -410,12 +405,12 @@ def down(timeout: float) -> int:
     if state is None:
         print("megacity is not running")
         return 0
-    if _alive(state.supervisor_pid):
+    if process_running(state.supervisor_pid):
         os.kill(state.supervisor_pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(state.supervisor_pid) and time.monotonic() < deadline:
+        while process_running(state.supervisor_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    if _alive(state.supervisor_pid):
+    if process_running(state.supervisor_pid):
         os.kill(state.supervisor_pid, signal.SIGKILL)
     _reap_leftovers(state)
     with contextlib.suppress(FileNotFoundError):
@@ -428,13 +423,13 @@ def _reap_leftovers(state: MeshState) -> None:
     """After a supervisor that could not stop cleanly: end what it left behind."""
     home = Path(state.home)
     for component in state.components:
-        if component.kind == "service" and _alive(component.pid):
+        if component.kind == "service" and process_running(component.pid):
             assert component.pid is not None
             os.kill(component.pid, signal.SIGKILL)
     for component in state.components:
-        if component.kind == "redis" and _alive(component.pid):
+        if component.kind == "redis" and process_running(component.pid):
             local_redis(home).stop()
-        if component.kind == "postgres" and _alive(component.pid):
+        if component.kind == "postgres" and process_running(component.pid):
             local_postgres(home).stop()
 
 
@@ -463,7 +458,7 @@ def _render_status(state: MeshState, health: Mapping[str, str], as_json: bool) -
 
 def status(as_json: bool) -> int:
     state = read_state()
-    if state is None or not _alive(state.supervisor_pid):
+    if state is None or not process_running(state.supervisor_pid):
         print(json.dumps({"phase": "down", "components": []}) if as_json else "megacity is not running")
         return 3
     health = asyncio.run(_all_health(load_catalog(), state.components))

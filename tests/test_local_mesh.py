@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from ops.embedded import EmbeddedPostgres, EmbeddedRedis
+from ops.supervisor import process_running
 from services.runtime.catalog import REPO, load_catalog
 
 pytestmark = pytest.mark.slow
@@ -50,15 +51,6 @@ def _megacity(env: dict[str, str], *args: str, timeout: float = 180) -> subproce
 def _status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
     done = _megacity(env, "status", "--json")
     return done.returncode, json.loads(done.stdout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _environment(home: Path) -> dict[str, str]:
@@ -104,7 +96,7 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         assert code == 3
         assert status["phase"] == "down"
         pids = [c["pid"] for c in components.values() if c["pid"]] + [tenant["pid"]]
-        assert not [pid for pid in pids if _alive(pid)]
+        assert not [pid for pid in pids if process_running(pid)]
     finally:
         _megacity(env, "down")
 

@@ -37,6 +37,12 @@ def current_caller() -> str:
     return (call.caller or "") if call else ""
 
 
+def current_trace_id() -> str:
+    """The served call's W3C trace id as 32 hex digits ('' outside a call)."""
+    call = current.get()
+    return call.trace_id if call else ""
+
+
 def current_deadline() -> float | None:
     """The served call's deadline on the time.monotonic() clock, or None when it has none."""
     call = current.get()

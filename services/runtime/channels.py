@@ -55,6 +55,25 @@ def retry_service_config(pool: descriptor_pool.DescriptorPool, services: Sequenc
 
 
 # grpc's classes are generic only in their type stubs, so the base classes cannot carry type arguments.
+def mtls_channel(
+    address: str,
+    credentials: Credentials,
+    catalog: Catalog,
+    service: str,
+    options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[Any] = (),
+) -> grpc.aio.Channel:
+    """A channel to `address` presenting `credentials`, that accepts only `service`'s certificate."""
+    return grpc.aio.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(
+            credentials.root_certificates, credentials.private_key, credentials.certificate_chain
+        ),
+        options=[*options, ("grpc.ssl_target_name_override", service_dns_name(catalog, service))],
+        interceptors=interceptors,
+    )
+
+
 class _ContextPropagation(
     grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
@@ -131,13 +150,7 @@ class ChannelFactory:
             created = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         else:
             assert self._credentials is not None
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=self._credentials.root_certificates,
-                private_key=self._credentials.private_key,
-                certificate_chain=self._credentials.certificate_chain,
-            )
-            options.append(("grpc.ssl_target_name_override", service_dns_name(self._catalog, service)))
-            created = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+            created = mtls_channel(address, self._credentials, self._catalog, service, options, interceptors)
         self._channels[key] = created
         return created
 

@@ -106,16 +106,13 @@ class HealthMonitor:
     def serving(self) -> bool:
         return bool(self._serving)
 
-    def add_probe(self, name: str, probe: Probe) -> None:
-        self._probes[name] = probe
-
     async def _probe(self, probe: Probe) -> bool:
         try:
             return await asyncio.wait_for(probe(), self._probe_timeout)
         except Exception:  # a failing probe means "down", whatever the reason
             return False
 
-    async def check_once(self) -> dict[str, bool]:
+    async def check_once(self) -> None:
         names = list(self._probes)
         results = await asyncio.gather(*(self._probe(self._probes[name]) for name in names))
         states = dict(zip(names, results, strict=True))
@@ -126,7 +123,6 @@ class HealthMonitor:
             log = _log.info if serving else _log.warning
             log("health.changed", serving=serving, dependencies=states)
             self._serving = serving
-        return states
 
     async def _run(self) -> None:
         while True:

@@ -14,7 +14,7 @@ import importlib
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import asyncpg
@@ -75,10 +75,6 @@ class Dependencies:
     redis: Redis | None = None
     # Extra readiness probes a service adds (e.g. "model" once its model is loaded).
     probes: dict[str, Probe] = field(default_factory=dict)
-
-
-class ServiceModule(Protocol):
-    def servicers(self, deps: Dependencies) -> Sequence[ServicerBinding]: ...
 
 
 BuildServicers = Callable[[Dependencies], Sequence[ServicerBinding]]

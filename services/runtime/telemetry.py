@@ -84,8 +84,8 @@ class AccessLog:
 
     It is the one line written on every call, so once logging is configured it is rendered directly (one
     orjson call into the buffered writer) in exactly the shape structlog gives every other line (`event`,
-    `level`, `timestamp`, `service`). Through structlog's pipeline it cost about as much as all the rest of
-    the runtime's per-call work (tests/bench/bench_runtime.py). Before configure_logging (in tests) the line
+    `level`, `timestamp`, `service`). Through structlog's pipeline it was over a third of the runtime's
+    per-call work (tests/bench/bench_runtime.py). Before configure_logging (in tests) the line
     goes through structlog, so structlog.testing.capture_logs sees it.
     """
 
@@ -295,11 +295,6 @@ class ServerSpans:
             trace.SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=flags, trace_state=state)
         )
         return span, otel_context.attach(trace.set_span_in_context(span))
-
-
-def current_trace_id() -> str:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
 
 
 class _MethodStats:

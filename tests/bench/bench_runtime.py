@@ -35,8 +35,9 @@ from pathlib import Path
 import grpc
 
 from megacity.testing.v1 import probe_pb2, probe_pb2_grpc
+from services.runtime.channels import mtls_channel
 from services.runtime.config import Transport
-from services.runtime.pki import ensure_credentials, service_dns_name
+from services.runtime.pki import ensure_credentials
 from services.runtime.server import Service
 from services.runtime.telemetry import configure_logging, configure_tracing
 from tests.support.mesh import make_config, mesh_catalog
@@ -86,14 +87,7 @@ async def _serve(mode: str, port: int, pki: Path) -> None:
 def _channel(mode: str, port: int, pki: Path) -> grpc.aio.Channel:
     if mode.endswith("mtls"):
         catalog = mesh_catalog()
-        credentials = ensure_credentials(pki, catalog, "ops")
-        return grpc.aio.secure_channel(
-            f"127.0.0.1:{port}",
-            grpc.ssl_channel_credentials(
-                credentials.root_certificates, credentials.private_key, credentials.certificate_chain
-            ),
-            options=[("grpc.ssl_target_name_override", service_dns_name(catalog, "probe"))],
-        )
+        return mtls_channel(f"127.0.0.1:{port}", ensure_credentials(pki, catalog, "ops"), catalog, "probe")
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
 

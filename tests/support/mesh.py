@@ -10,9 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.runtime import channels
 from services.runtime.catalog import Catalog, ServiceEntry, load_catalog
 from services.runtime.config import ServiceConfig, Transport
-from services.runtime.pki import Credentials, ensure_credentials, service_dns_name
+from services.runtime.pki import Credentials, ensure_credentials
 from services.runtime.server import Dependencies, Service, ServicerBinding
 from services.runtime.telemetry import configure_tracing
 from tests.support.probe import probe_entry
@@ -83,14 +84,7 @@ def mtls_channel(
     credentials: Credentials, port: int, server_name: str, catalog: Catalog | None = None
 ) -> grpc.aio.Channel:
     """A channel presenting `credentials`, expecting the server to hold `server_name`'s certificate."""
-    catalog = catalog or load_catalog()
-    return grpc.aio.secure_channel(
-        f"127.0.0.1:{port}",
-        grpc.ssl_channel_credentials(
-            credentials.root_certificates, credentials.private_key, credentials.certificate_chain
-        ),
-        options=[("grpc.ssl_target_name_override", service_dns_name(catalog, server_name))],
-    )
+    return channels.mtls_channel(f"127.0.0.1:{port}", credentials, catalog or load_catalog(), server_name)
 
 
 def channel_as(identity: str, service: Service, pki_dir: Path) -> grpc.aio.Channel:

@@ -7,12 +7,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from megacity.testing.v1 import probe_pb2, probe_pb2_grpc
-from services.runtime.callcontext import current_caller, current_deadline, current_request_id
+from services.runtime.callcontext import current_caller, current_deadline, current_request_id, current_trace_id
 from services.runtime.catalog import AllowRule, Catalog, ServiceEntry
 from services.runtime.context import StreamingContext, UnaryContext
 from services.runtime.errors import NotFound, Unavailable, Violations
 from services.runtime.server import Dependencies, ServicerBinding
-from services.runtime.telemetry import current_trace_id
 
 PROBE = "megacity.testing.v1.ProbeService"
 
