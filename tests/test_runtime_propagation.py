@@ -58,6 +58,16 @@ async def test_a_spent_deadline_fails_the_next_hop_with_deadline_exceeded(
     assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+async def test_the_callers_trace_continues_across_hops(relay: probe_pb2_grpc.ProbeServiceStub) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    reply = await relay.Relay(probe_pb2.RelayRequest(), metadata=(("traceparent", traceparent),))
+    assert reply.upstream.trace_id == reply.downstream.trace_id == trace_id
+    malformed = await relay.Relay(probe_pb2.RelayRequest(), metadata=(("traceparent", traceparent.upper()),))
+    assert malformed.upstream.trace_id not in ("", trace_id, trace_id.upper())
+    assert malformed.downstream.trace_id == malformed.upstream.trace_id
+
+
 async def test_a_request_id_is_generated_when_the_caller_sends_none(pki_dir: Path) -> None:
     async with running_probe(pki_dir) as service, channel_as("ops", service, pki_dir) as channel:
         stub = probe_pb2_grpc.ProbeServiceStub(channel)

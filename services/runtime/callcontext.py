@@ -12,15 +12,31 @@ from contextvars import ContextVar
 
 
 class CallInfo:
-    """The served call's identity and limits."""
+    """The served call's identity, limits and W3C trace context (ids and flags as lower-case hex)."""
 
-    __slots__ = ("caller", "deadline", "request_id", "trace_id")
+    __slots__ = ("caller", "deadline", "request_id", "span_id", "trace_flags", "trace_id", "trace_state")
 
-    def __init__(self, request_id: str, caller: str | None, deadline: float | None, trace_id: str) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        caller: str | None,
+        deadline: float | None,
+        trace_id: str,
+        span_id: str,
+        trace_flags: str,
+        trace_state: str | None,
+    ) -> None:
         self.request_id = request_id
         self.caller = caller
         self.deadline = deadline
         self.trace_id = trace_id
+        self.span_id = span_id
+        self.trace_flags = trace_flags
+        self.trace_state = trace_state
+
+    def traceparent(self) -> str:
+        """The W3C traceparent header of calls made on behalf of this one (this call's span as their parent)."""
+        return f"00-{self.trace_id}-{self.span_id}-{self.trace_flags}"
 
 
 current: ContextVar[CallInfo | None] = ContextVar("megacity_call", default=None)

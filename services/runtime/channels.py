@@ -20,12 +20,13 @@ import grpc
 from google.protobuf import descriptor_pool
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from services.runtime.callcontext import current_deadline, current_request_id
+from services.runtime import callcontext
 from services.runtime.catalog import Catalog
 from services.runtime.config import Transport, target_of
 from services.runtime.contracts import service_methods
 from services.runtime.interceptors import REQUEST_ID_HEADER
 from services.runtime.pki import Credentials, service_dns_name
+from services.runtime.telemetry import spans_exported
 
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
@@ -80,20 +81,26 @@ class _ContextPropagation(
     grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Adds the served call's request id and bounds the outgoing deadline by the served call's."""
+    """Adds the served call's request id and, unless OpenTelemetry's interceptors do it (spans exported), its
+    trace context; bounds the outgoing deadline by the served call's."""
 
-    def __init__(self, default_deadline: float) -> None:
+    def __init__(self, default_deadline: float, propagate_trace: bool) -> None:
         self._default_deadline = default_deadline
+        self._propagate_trace = propagate_trace
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        request_id = current_request_id()
-        if request_id and REQUEST_ID_HEADER not in metadata:
-            metadata.add(REQUEST_ID_HEADER, request_id)
         limits = [details.timeout] if details.timeout is not None else [self._default_deadline]
-        deadline = current_deadline()
-        if deadline is not None:
-            limits.append(deadline - time.monotonic())
+        call = callcontext.current.get()
+        if call is not None:
+            if REQUEST_ID_HEADER not in metadata:
+                metadata.add(REQUEST_ID_HEADER, call.request_id)
+            if self._propagate_trace and "traceparent" not in metadata:
+                metadata.add("traceparent", call.traceparent())
+                if call.trace_state:
+                    metadata.add("tracestate", call.trace_state)
+            if call.deadline is not None:
+                limits.append(call.deadline - time.monotonic())
         # A spent deadline still goes out (as ~0) so the call fails with DEADLINE_EXCEEDED, not silently.
         timeout = max(min(limits), 0.001)
         return grpc.aio.ClientCallDetails(
@@ -144,8 +151,9 @@ class ChannelFactory:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", retry_service_config(self._pool, entry.grpc_services)),
         ]
-        tracing: list[Any] = aio_client_interceptors()  # type: ignore[no-untyped-call]  # OpenTelemetry's is untyped
-        interceptors = [_ContextPropagation(self._default_deadline), *tracing]
+        exported = spans_exported()
+        tracing: list[Any] = aio_client_interceptors() if exported else []  # type: ignore[no-untyped-call]
+        interceptors = [_ContextPropagation(self._default_deadline, propagate_trace=not exported), *tracing]
         if self._transport is Transport.LINKERD:
             created = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         else:

@@ -9,7 +9,7 @@ server interceptor alone) cost several times the per-call budget (tests/bench/be
 1. identifies the caller (mTLS SPIFFE ID or Linkerd client id) and checks the catalog policy, refusing
    with PERMISSION_DENIED (UNAUTHENTICATED without an identity) and logging the decision;
 2. continues the caller's trace (W3C traceparent): OpenTelemetry's SERVER span when spans are exported,
-   else the trace context alone (services/runtime/telemetry.py, ServerSpans);
+   else the trace context alone (services/runtime/telemetry.py, ServerTrace);
 3. sets the call context other code reads: request id (x-request-id, else the trace id), caller, and the
    absolute deadline that outgoing calls inherit (services/runtime/channels.py);
 4. maps errors: a ServiceError becomes its status with google.rpc details; NotImplementedError (the
@@ -29,7 +29,6 @@ from typing import Any
 
 import grpc
 import structlog
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.runtime import callcontext
@@ -44,11 +43,10 @@ from services.runtime.errors import (
 )
 from services.runtime.identity import Identify
 from services.runtime.policy import MethodPolicy
-from services.runtime.telemetry import RpcMetrics, ServerSpans, access_log
+from services.runtime.telemetry import RpcMetrics, ServerTrace, access_log
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name (and hashing) is slow on the hot path
 _log = structlog.get_logger("megacity.rpc")
@@ -72,27 +70,12 @@ class _Route:
 class _Call(callcontext.CallInfo):
     """One call in flight: what code inside the call may read, and what the interceptor needs to finish it."""
 
-    __slots__ = ("code", "route", "span", "started", "token")
+    __slots__ = ("code", "route", "span", "started")
 
-    def __init__(
-        self,
-        request_id: str,
-        caller: str | None,
-        deadline: float | None,
-        trace_id: str,
-        route: _Route,
-        span: trace.Span,
-        token: object,
-        started: float,
-    ) -> None:
-        self.request_id = request_id
-        self.caller = caller
-        self.deadline = deadline
-        self.trace_id = trace_id
+    def __init__(self, route: _Route, started: float) -> None:
         self.route = route
-        self.span = span
-        self.token = token
         self.started = started
+        self.span: trace.Span | None = None  # OpenTelemetry's, when spans are recorded
         self.code = grpc.StatusCode.OK  # until an escaping exception says otherwise
 
 
@@ -103,7 +86,7 @@ class RuntimeInterceptor:
         self._policy = policy
         self._identify = identify
         self._metrics = metrics
-        self._spans = ServerSpans()
+        self._trace = ServerTrace()
 
     def wrap(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """The handler of `path` with the runtime's per-call work around it."""
@@ -155,24 +138,26 @@ class RuntimeInterceptor:
         return streaming
 
     def _begin(self, route: _Route, context: Context) -> _Call:
-        started = time.perf_counter()
-        request_id = ""
-        carrier: dict[str, str] = {}
+        call = _Call(route, time.perf_counter())
+        request_id = traceparent = tracestate = None
         for key, value in context.invocation_metadata() or ():
+            if not isinstance(value, str):  # binary (-bin) headers are none of these
+                continue
             if key == REQUEST_ID_HEADER:
-                if isinstance(value, str) and _VALID_REQUEST_ID.fullmatch(value):
-                    request_id = value
-            elif key in _TRACE_HEADERS and isinstance(value, str):
-                carrier[key] = value
-        caller = self._identify(context)
-        span, token = self._spans.start(carrier)
-        span_context = span.get_span_context()
-        trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else ""
+                request_id = value
+            elif key == "traceparent":
+                traceparent = value
+            elif key == "tracestate":
+                tracestate = value
+        call.caller = self._identify(context)
+        trace_id, call.span_id, call.trace_flags, call.trace_state = self._trace.start(traceparent, tracestate)
+        call.trace_id = trace_id
+        if self._trace.recording:
+            call.span = trace.get_current_span()
+        valid_id = request_id is not None and _VALID_REQUEST_ID.fullmatch(request_id)
+        call.request_id = request_id if valid_id and request_id else trace_id
         remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        call = _Call(
-            request_id or trace_id or uuid.uuid4().hex, caller, deadline, trace_id, route, span, token, started
-        )
+        call.deadline = None if remaining is None else time.monotonic() + remaining
         callcontext.current.set(call)
         return call
 
@@ -221,22 +206,21 @@ class RuntimeInterceptor:
             trace_id=call.trace_id,
             exc_info=error,
         )
-        call.span.record_exception(error)
+        if call.span is not None:
+            call.span.record_exception(error)
         return grpc.StatusCode.INTERNAL, Internal(f"internal error (error id {error_id})", error_id=error_id)
 
     def _finish(self, call: _Call, context: Context) -> None:
         code = call.code
         if code is grpc.StatusCode.OK:
-            code = context.code() or grpc.StatusCode.OK
+            code = context.code()  # None unless the handler set a status itself
+        name = "OK" if code is None or code is grpc.StatusCode.OK else _CODE_NAMES[code]
         elapsed = time.perf_counter() - call.started
         route = call.route
-        name = _CODE_NAMES[code]
         self._metrics.observe(route.path, route.rpc_type, name, elapsed)
         access_log.record(route.path, call.caller, name, elapsed * 1000, call.request_id, call.trace_id)
-        if call.caller and call.span.is_recording():
+        if call.caller and call.span is not None:
             call.span.set_attribute("megacity.caller", call.caller)
-        if call.token is not None:
-            otel_context.detach(call.token)  # type: ignore[arg-type]
 
     def _log_denial(self, call: _Call, why: str) -> None:
         _log.warning(

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -28,8 +29,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 
 import orjson
 import structlog
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -83,22 +83,31 @@ class AccessLog:
     """One `rpc` line per served call: method, caller, code, latency, request id, trace id.
 
     It is the one line written on every call, so once logging is configured it is rendered directly (one
-    orjson call into the buffered writer) in exactly the shape structlog gives every other line (`event`,
-    `level`, `timestamp`, `service`). Through structlog's pipeline it was over a third of the runtime's
-    per-call work (tests/bench/bench_runtime.py). Before configure_logging (in tests) the line
-    goes through structlog, so structlog.testing.capture_logs sees it.
+    f-string into the buffered writer) in exactly the shape structlog gives every other line (`event`,
+    `level`, `timestamp`, `service`); through structlog's pipeline, or even building a dict for orjson, it was
+    a large share of the runtime's per-call work (tests/bench/bench_runtime.py). Method and caller names come
+    from small fixed sets (registered methods, catalog names), so their JSON form is computed once; request
+    and trace ids are tokens the interceptor has validated ([A-Za-z0-9._:-]) and need no escaping. Before
+    configure_logging (in tests) the line goes through structlog, so structlog.testing.capture_logs sees it.
     """
 
     def __init__(self) -> None:
         self._log = structlog.get_logger("megacity.rpc")
         self._writer: LogWriter | None = None
         self._enabled = True
-        self._service = ""
+        self._service = "null"
+        self._quoted: dict[str | None, str] = {}
         self._second = -1
         self._second_text = ""
 
     def configure(self, writer: LogWriter, level: int, service: str) -> None:
-        self._writer, self._enabled, self._service = writer, level <= logging.INFO, service
+        self._writer, self._enabled, self._service = writer, level <= logging.INFO, self._json(service)
+
+    def _json(self, value: str | None) -> str:
+        quoted = self._quoted.get(value)
+        if quoted is None:
+            quoted = self._quoted[value] = orjson.dumps(value).decode()
+        return quoted
 
     def _timestamp(self) -> str:
         """ISO 8601 UTC with microseconds, as structlog's TimeStamper writes it; the date part changes once a
@@ -124,19 +133,11 @@ class AccessLog:
                 trace_id=trace_id,
             )
         elif self._enabled:
-            line = {
-                "method": method,
-                "caller": caller,
-                "code": code,
-                "latency_ms": round(latency_ms, 3),
-                "request_id": request_id,
-                "trace_id": trace_id,
-                "event": "rpc",
-                "service": self._service,
-                "level": "info",
-                "timestamp": self._timestamp(),
-            }
-            self._writer.write(orjson.dumps(line) + b"\n")
+            self._writer.write(
+                f'{{"method":{self._json(method)},"caller":{self._json(caller)},"code":"{code}",'
+                f'"latency_ms":{latency_ms:.3f},"request_id":"{request_id}","trace_id":"{trace_id}",'
+                f'"event":"rpc","service":{self._service},"level":"info","timestamp":"{self._timestamp()}"}}\n'
+            )
 
 
 access_log = AccessLog()
@@ -241,7 +242,7 @@ _exporting_spans = False
 def configure_tracing(service: str) -> TracerProvider:
     """The process's tracer provider: spans are recorded and exported over OTLP when an endpoint is set
     (OTEL_EXPORTER_OTLP_ENDPOINT and the other standard OTEL_ variables). Without one, nobody collects spans,
-    so the runtime keeps only W3C trace context (see ServerSpans)."""
+    so the runtime keeps only W3C trace context (see ServerTrace)."""
     global _exporting_spans
     resource = Resource.create({"service.name": f"megacity-{service}"})
     _exporting_spans = bool(
@@ -254,13 +255,10 @@ def configure_tracing(service: str) -> TracerProvider:
         provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER, default always on
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
-        # Outgoing calls (OpenTelemetry's client interceptor) then make unsampled spans: ids, no recording.
+        # Nothing records spans then (ServerTrace): code that makes its own gets non-recording ones.
         provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     trace.set_tracer_provider(provider)
     return provider
-
-
-_UNSAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
 
 
 def spans_exported() -> bool:
@@ -268,33 +266,42 @@ def spans_exported() -> bool:
     return _exporting_spans
 
 
-class ServerSpans:
-    """The SERVER span of each served call, continuing the caller's W3C trace context.
+# W3C traceparent: version-trace_id-parent_id-flags, lower-case hex; version ff and all-zero ids are invalid.
+_TRACEPARENT = re.compile(r"(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-([0-9a-f]{2})")
+_TRACESTATE_LIMIT = 512  # W3C asks to propagate at least 512 characters; longer values are dropped
+
+
+class ServerTrace:
+    """The trace each served call continues (W3C trace context), and its span when spans are recorded.
 
     When spans are exported, the span is OpenTelemetry's own: opentelemetry-instrumentation-grpc's server
-    interceptor made it, with the RPC conventions, and it is current already. When they are not, recording a
-    span only to drop it would cost more than the rest of the call's runtime work; the call gets a
-    non-recording span instead, with the trace id (the caller's, or a new random one) and a new span id,
-    exactly what an unsampled SDK span carries. Either way the trace id reaches the logs and the next hop.
+    interceptor made it, with the RPC conventions, and it is current already; its client interceptors carry
+    the context to the next hop. When they are not, nobody would ever see a span, and making one per call
+    (even a non-recording one, made current in OpenTelemetry's context) cost more than the rest of the
+    runtime's per-call work: the call keeps just the W3C fields, the caller's trace id (or a new random one)
+    and a new span id, exactly what an unsampled span carries, and client channels send them on as
+    `traceparent` (services/runtime/channels.py). Either way the trace id reaches the logs and the next hop.
     """
 
     def __init__(self) -> None:
-        self._own = not _exporting_spans
+        self.recording = _exporting_spans
 
-    def start(self, carrier: dict[str, str]) -> tuple[trace.Span, object | None]:
-        """The call's span, and the context token to detach when the call ends (None: not ours to detach)."""
-        if not self._own:
-            return trace.get_current_span(), None
-        upstream = trace.get_current_span(propagate.extract(carrier)).get_span_context() if carrier else None
-        if upstream is not None and upstream.is_valid:
-            trace_id, flags, state = upstream.trace_id, upstream.trace_flags, upstream.trace_state
-        else:
-            # Trace and span ids are identifiers, not secrets: the SDK draws them from `random` too.
-            trace_id, flags, state = random.getrandbits(128), _UNSAMPLED, None
-        span = trace.NonRecordingSpan(
-            trace.SpanContext(trace_id, random.getrandbits(64), is_remote=False, trace_flags=flags, trace_state=state)
-        )
-        return span, otel_context.attach(trace.set_span_in_context(span))
+    def start(self, traceparent: str | None, tracestate: str | None) -> tuple[str, str, str, str | None]:
+        """Trace id, span id, trace flags (hex) and tracestate of the call being served."""
+        if self.recording:
+            context = trace.get_current_span().get_span_context()
+            state = context.trace_state.to_header() if context.trace_state else None
+            return format(context.trace_id, "032x"), format(context.span_id, "016x"), "00", state
+        # Trace and span ids are identifiers, not secrets: the OpenTelemetry SDK draws them from `random` too.
+        span_id = f"{random.getrandbits(64):016x}"
+        if traceparent is not None:
+            match = _TRACEPARENT.match(traceparent)
+            # Version 00 is exactly 55 characters; later versions may append fields after a dash.
+            if match and (len(traceparent) == 55 or (match[1] != "00" and traceparent[55] == "-")):
+                if tracestate is not None and len(tracestate) > _TRACESTATE_LIMIT:
+                    tracestate = None
+                return match[2], span_id, f"{int(match[3], 16) & 1:02x}", tracestate
+        return f"{random.getrandbits(128):032x}", span_id, "00", None
 
 
 class _MethodStats:
