@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from services.runtime.tokens import AccessClaims
+
 
 class CallInfo:
     """The served call's identity, limits and W3C trace context (ids and flags as lower-case hex)."""
 
-    __slots__ = ("caller", "deadline", "request_id", "span_id", "trace_flags", "trace_id", "trace_state")
+    __slots__ = ("caller", "deadline", "principal", "request_id", "span_id", "trace_flags", "trace_id", "trace_state")
 
     def __init__(
         self,
@@ -33,6 +35,7 @@ class CallInfo:
         self.span_id = span_id
         self.trace_flags = trace_flags
         self.trace_state = trace_state
+        self.principal: AccessClaims | None = None  # the signed-in person, once their access token is verified
 
     def traceparent(self) -> str:
         """The W3C traceparent header of calls made on behalf of this one (this call's span as their parent)."""
@@ -63,3 +66,9 @@ def current_deadline() -> float | None:
     """The served call's deadline on the time.monotonic() clock, or None when it has none."""
     call = current.get()
     return call.deadline if call else None
+
+
+def current_principal() -> AccessClaims | None:
+    """The person the served call acts for (verified access token), or None for anonymous and mesh-only calls."""
+    call = current.get()
+    return call.principal if call else None

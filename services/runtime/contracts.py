@@ -1,7 +1,8 @@
-"""Reading the compiled contracts (gen/descriptor/megacity.binpb): services, methods, HTTP rules, idempotency.
+"""Reading the compiled contracts (gen/descriptor/megacity.binpb): services, methods, HTTP rules, idempotency, access.
 
 The descriptor set is produced by `megacity gen` from proto/; the runtime, the edge compiler and the Linkerd
-generator all read the contracts through this module, so they agree on what is public and what is retryable.
+generator all read the contracts through this module, so they agree on what is public, what is retryable and
+what a person needs to call it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ from pathlib import Path
 from google.api import annotations_pb2
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 
+from megacity.common.v1 import access_pb2
 from services.runtime.catalog import REPO
 
 DEFAULT_DESCRIPTOR_SET = REPO / "gen" / "descriptor" / "megacity.binpb"
 # The google.api.http option; importing annotations_pb2 also registers it, so parsed options carry it.
 HTTP_RULE = annotations_pb2.http.full_name
+
+
+@dataclass(frozen=True)
+class MethodAccess:
+    """What a person needs to call a public method: its megacity.common.v1.access option."""
+
+    permission: str  # the `resource:action` the caller's role must grant; empty: any signed-in person
+    anonymous: bool  # callable without an access token
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,7 @@ class MethodInfo:
     server_streaming: bool
     public: bool
     idempotent: bool
+    access: MethodAccess | None  # declared on public methods only
 
     @property
     def path(self) -> str:
@@ -54,8 +65,14 @@ def default_pool() -> descriptor_pool.DescriptorPool:
 
 
 def _method_info(method: descriptor.MethodDescriptor) -> MethodInfo:
+    # Parsed again: the pool's options come from the descriptor set and keep any extension that was unknown when
+    # they were first parsed as an unknown field; parsing now resolves the extensions registered by the imports.
     options = descriptor_pb2.MethodOptions.FromString(method.GetOptions().SerializeToString())
     level = options.idempotency_level
+    access = None
+    if options.HasExtension(access_pb2.access):
+        declared = options.Extensions[access_pb2.access]
+        access = MethodAccess(declared.permission, declared.anonymous)
     return MethodInfo(
         service=method.containing_service.full_name,
         name=method.name,
@@ -63,6 +80,7 @@ def _method_info(method: descriptor.MethodDescriptor) -> MethodInfo:
         server_streaming=method.server_streaming,
         public=any(field.full_name == HTTP_RULE for field, _ in options.ListFields()),
         idempotent=level in (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT),
+        access=access,
     )
 
 

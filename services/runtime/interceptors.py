@@ -76,6 +76,7 @@ class _Call(callcontext.CallInfo):
         self.route = route
         self.started = started
         self.span: trace.Span | None = None  # OpenTelemetry's, when spans are recorded
+        self.principal = None
         self.code = grpc.StatusCode.OK  # until an escaping exception says otherwise
 
 

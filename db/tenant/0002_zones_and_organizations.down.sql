@@ -1,0 +1,3 @@
+DROP TABLE organizations;
+DROP TABLE zone_domains;
+DROP TABLE zones;

@@ -1,0 +1,205 @@
+"""The tenant service over mTLS with real PostgreSQL: zones by host, lookups, and organisation scoping (RLS)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from megacity.tenant.v1 import resources_pb2, tenant_service_pb2, tenant_service_pb2_grpc
+from ops import migrations
+from ops.embedded import EmbeddedPostgres
+from services.runtime.database import TenantScope, create_pool
+from services.runtime.errors import (
+    AlreadyExists,
+    NotFound,
+    PermissionDenied,
+    error_info,
+    field_violations,
+    status_from_error,
+)
+from services.tenant import zones
+from services.tenant.store import TenantStore
+from tests.support.mesh import channel_as, make_config, mesh_catalog, running
+
+SEEDED = {
+    "univ": ["univprepai.com"],
+    "college": ["collegeprepai.com"],
+    "skill": ["skillprepai.com"],
+    "medi": ["mediprepai.com"],
+    "major": ["majorprepai.com"],
+    "kzone": ["my-ktube.ai", "my-ktube.com"],
+    "mpc": ["mpcstudy.com"],
+    "dreamseed": ["dreamseedai.com"],
+}
+
+
+@pytest.fixture
+async def tenant_url(fresh_database: str, postgres: EmbeddedPostgres) -> str:
+    """The tenant service's own login (no superuser, no RLS bypass) on a migrated database."""
+    await migrations.migrate(fresh_database)
+    return (await migrations.provision_service_logins(fresh_database, postgres.secrets_dir))["tenant"]
+
+
+@pytest.fixture
+async def tenant(tenant_url: str, pki_dir: Path) -> AsyncIterator[tenant_service_pb2_grpc.TenantServiceStub]:
+    config = make_config(mesh_catalog(), "tenant", pki_dir, database_url=tenant_url)
+    async with running(config) as service, channel_as("exam", service, pki_dir) as channel:
+        yield tenant_service_pb2_grpc.TenantServiceStub(channel)
+
+
+@pytest.fixture
+async def store(tenant_url: str) -> AsyncIterator[TenantStore]:
+    pool = await create_pool(tenant_url, schema="tenant", max_size=2)
+    yield TenantStore(pool)
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "zone_id", "domain"),
+    [
+        ("api.univprepai.com", "univ", "univprepai.com"),
+        ("univprepai.com", "univ", "univprepai.com"),
+        ("APP.My-KTube.ai:443", "kzone", "my-ktube.ai"),
+        ("api.my-ktube.com.", "kzone", "my-ktube.com"),
+        ("api.dreamseedai.com", "dreamseed", "dreamseedai.com"),
+    ],
+)
+async def test_a_host_resolves_to_its_zone(
+    tenant: tenant_service_pb2_grpc.TenantServiceStub, host: str, zone_id: str, domain: str
+) -> None:
+    reply = await tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host=host))
+    assert (reply.zone.id, reply.matched_domain) == (zone_id, domain)
+    assert reply.zone.public_org_id == f"{zone_id}-public"
+
+
+@pytest.mark.parametrize("host", ["evil.com", "univprepai.com.evil.com", "notunivprepai.com", "127.0.0.1", "a b"])
+async def test_a_host_of_no_zone_is_not_found(tenant: tenant_service_pb2_grpc.TenantServiceStub, host: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as answer:
+        await tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host=host))
+    assert answer.value.code() is grpc.StatusCode.NOT_FOUND
+    info = error_info(status_from_error(answer.value))
+    assert info is not None
+    assert info.reason == "UNKNOWN_ZONE"
+
+
+async def test_an_empty_host_is_a_field_violation(tenant: tenant_service_pb2_grpc.TenantServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as answer:
+        await tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest())
+    assert answer.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(status_from_error(answer.value)) == [("host", "required")]
+
+
+async def test_the_eight_zones_are_seeded_with_their_domains_and_public_orgs(
+    tenant: tenant_service_pb2_grpc.TenantServiceStub,
+) -> None:
+    for zone_id, domains in SEEDED.items():
+        zone = (await tenant.LookupZone(tenant_service_pb2.LookupZoneRequest(zone_id=zone_id))).zone
+        assert list(zone.domains) == domains
+        assert zone.status == resources_pb2.ZONE_STATUS_ACTIVE
+        organization = (
+            await tenant.LookupOrganization(tenant_service_pb2.LookupOrganizationRequest(org_id=zone.public_org_id))
+        ).organization
+        assert (organization.zone_id, organization.is_public) == (zone_id, True)
+    with pytest.raises(grpc.aio.AioRpcError) as answer:
+        await tenant.LookupZone(tenant_service_pb2.LookupZoneRequest(zone_id="nowhere"))
+    assert answer.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_disabled_zone_resolves_no_more(
+    tenant: tenant_service_pb2_grpc.TenantServiceStub, store: TenantStore
+) -> None:
+    await store.update_zone("mpc", {"status": "disabled"})
+    with pytest.raises(grpc.aio.AioRpcError) as answer:
+        await tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host="api.mpcstudy.com"))
+    assert answer.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_organisations_are_visible_only_in_scope(store: TenantStore, tenant_url: str) -> None:
+    univ_a = await store.create_organization(
+        TenantScope.zone("univ"), "univ", resources_pb2.Organization(name="Academy A"), "pro"
+    )
+    kzone_b = await store.create_organization(
+        TenantScope.zone("kzone"), "kzone", resources_pb2.Organization(name="Studio B"), "free"
+    )
+    univ_ids = {o.id for o in (await store.organizations(TenantScope.zone("univ"), {}, "", None, 100))[0]}
+    assert univ_ids == {"univ-public", univ_a.id}
+    own = (await store.organizations(TenantScope.org("univ", univ_a.id), {}, "", None, 100))[0]
+    assert [o.id for o in own] == [univ_a.id]
+    with pytest.raises(NotFound):
+        await store.organization(TenantScope.zone("univ"), kzone_b.id)
+    with pytest.raises(NotFound):  # an update outside the scope finds nothing to change
+        await store.update_organization(TenantScope.zone("univ"), kzone_b.id, {"name": "hijacked"})
+    everything = (await store.organizations(TenantScope.platform(), {}, "", None, 100))[1]
+    assert everything == len(SEEDED) + 2
+    # Row-level security, not the store's WHERE clauses, is what hides the rows: a bare query sees nothing.
+    connection = await asyncpg.connect(tenant_url)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM tenant.organizations") == 0
+    finally:
+        await connection.close()
+
+
+async def test_an_org_name_is_unique_per_zone_case_insensitively(store: TenantStore) -> None:
+    scope = TenantScope.zone("univ")
+    await store.create_organization(scope, "univ", resources_pb2.Organization(name="Seoul Academy"), "free")
+    with pytest.raises(AlreadyExists, match="exists"):
+        await store.create_organization(scope, "univ", resources_pb2.Organization(name="seoul academy"), "free")
+    other = await store.create_organization(
+        TenantScope.zone("skill"), "skill", resources_pb2.Organization(name="Seoul Academy"), "free"
+    )
+    assert other.zone_id == "skill"
+
+
+# --- the pure rules -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ("API.UnivPrepAI.com:8443", "api.univprepai.com"),
+        ("univprepai.com.", "univprepai.com"),
+        ("localhost:8080", "localhost"),
+        ("127.0.0.1", None),
+        ("", None),
+        ("exa mple.com", None),
+        ("-bad.com", None),
+    ],
+)
+def test_host_names_are_normalised(raw: str, name: str | None) -> None:
+    assert zones.host_name(raw) == name
+
+
+def test_domain_candidates_go_from_specific_to_general() -> None:
+    assert zones.domain_candidates("a.api.univprepai.com") == [
+        "a.api.univprepai.com",
+        "api.univprepai.com",
+        "univprepai.com",
+    ]
+
+
+def test_scopes_follow_the_role() -> None:
+    assert zones.Actor("super_admin", "univ", "o").scope() == TenantScope.platform()
+    assert zones.Actor("zone_admin", "univ", "o").scope() == TenantScope.zone("univ")
+    assert zones.Actor("teacher", "univ", "o").scope() == TenantScope.org("univ", "o")
+
+
+def test_who_may_change_what_of_an_organisation() -> None:
+    zone_admin = zones.Actor("zone_admin", "univ", "univ-public")
+    org_admin = zones.Actor("org_admin", "univ", "org-1")
+    zones.organization_fields_allowed(zone_admin, "univ", "org-1", {"plan", "name"})
+    zones.organization_fields_allowed(org_admin, "univ", "org-1", {"name", "contact_email"})
+    for actor, zone, org, fields in [
+        (org_admin, "univ", "org-1", {"plan"}),
+        (org_admin, "univ", "org-2", {"name"}),
+        (zone_admin, "kzone", "org-3", {"name"}),
+        (zones.Actor("teacher", "univ", "org-1"), "univ", "org-1", {"name"}),
+    ]:
+        with pytest.raises(PermissionDenied, match=r"may not|outside"):
+            zones.organization_fields_allowed(actor, zone, org, fields)
+    assert zones.zone_for_new_organization(zone_admin, "") == "univ"
+    with pytest.raises(PermissionDenied, match="zone_admin"):
+        zones.zone_for_new_organization(zone_admin, "kzone")
