@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ops.embedded import EmbeddedPostgres, EmbeddedRedis, local_postgres, local_redis
+from ops.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_secret, local_postgres, local_redis
+from services.auth.settings import PII_KEYS_VARIABLE
 from services.runtime.catalog import Catalog, load_catalog
 from services.runtime.channels import mtls_channel
 from services.runtime.config import megacity_home, pki_dir, port_offset, target_of
@@ -260,8 +261,12 @@ class Supervisor:
             "MEGACITY_PKI_DIR": str(pki_dir()),
             "MEGACITY_TRANSPORT": "mtls",
         }
+        # The auth service encrypts personal data and its signing keys with this; made once, kept with the data.
+        pii_keys = os.environ.get(PII_KEYS_VARIABLE) or f"local:{ensure_secret(self.home / 'secrets' / 'pii_key')}"
         for name, entry in self.catalog.services.items():
             env = dict(base_env)
+            if name == "auth":
+                env[PII_KEYS_VARIABLE] = pii_keys
             if "postgres" in entry.depends_on:
                 env["MEGACITY_DATABASE_URL"] = service_urls[name]
             if "redis" in entry.depends_on:

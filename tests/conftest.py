@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.mesh", "tests.support.infra"]
+pytest_plugins = ["tests.support.mesh", "tests.support.infra", "tests.support.accounts"]

@@ -178,11 +178,11 @@ async def test_the_applied_history_must_match_the_files(fresh_database: str, tmp
             {"exams/0001_schema.up.sql": "", "exams/0001_schema.down.sql": ""},
             r"exams is neither `platform` nor",
         ),
-        ({"auth/0002-users.up.sql": ""}, r"0002-users\.up\.sql: migrations are named"),
-        ({"auth/0002_users.up.sql": ""}, r"auth/0002_users\.down\.sql is missing"),
+        ({"auth/0099-users.up.sql": ""}, r"0099-users\.up\.sql: migrations are named"),
+        ({"auth/0099_users.up.sql": ""}, r"auth/0099_users\.down\.sql is missing"),
         (
-            {"auth/0002_users.up.sql": "", "auth/0002_accounts.down.sql": ""},
-            r"version 0002 has differently named",
+            {"auth/0099_users.up.sql": "", "auth/0099_accounts.down.sql": ""},
+            r"version 0099 has differently named",
         ),
     ],
 )

@@ -39,7 +39,6 @@ DECLARED = frozenset(
         "zone:adjust_credits",
         "org:read",
         "org:create",
-        "org:update",
         "user:read",
         "user:create",
         "user:update",

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from megacity.tenant.v1 import resources_pb2, tenant_service_pb2, tenant_service_pb2_grpc
 from ops import migrations
@@ -23,6 +24,7 @@ from services.runtime.errors import (
 )
 from services.tenant import zones
 from services.tenant.store import TenantStore
+from tests.support.accounts import People, reason
 from tests.support.mesh import channel_as, make_config, mesh_catalog, running
 
 SEEDED = {
@@ -203,3 +205,118 @@ def test_who_may_change_what_of_an_organisation() -> None:
     assert zones.zone_for_new_organization(zone_admin, "") == "univ"
     with pytest.raises(PermissionDenied, match="zone_admin"):
         zones.zone_for_new_organization(zone_admin, "kzone")
+
+
+# --- through the wire with people's tokens ----------------------------------------------------------------------
+
+
+async def test_only_a_super_admin_adds_a_zone_and_its_host_resolves(people: People) -> None:
+    root = await people.as_new_user("dreamseed", "dreamseed-public", "super_admin")
+    request = tenant_service_pb2.CreateZoneRequest(
+        zone=resources_pb2.Zone(id="drama", display_name="K-Drama Lab"), domains=["kdramalab.com"]
+    )
+    created = (await people.tenant.CreateZone(request, metadata=root.metadata())).zone
+    assert (created.id, list(created.domains), created.public_org_id) == ("drama", ["kdramalab.com"], "drama-public")
+    resolved = await people.tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host="api.kdramalab.com"))
+    assert resolved.zone.id == "drama"
+    zone_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    student = await people.as_new_user("univ", "univ-public", "student")
+    for caller, expected in ((zone_admin, "OUT_OF_SCOPE"), (student, "PERMISSION_MISSING")):
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await people.tenant.CreateZone(request, metadata=caller.metadata())
+        assert (denied.value.code(), reason(denied.value)) == (grpc.StatusCode.PERMISSION_DENIED, expected)
+    with pytest.raises(grpc.aio.AioRpcError) as duplicate:
+        await people.tenant.CreateZone(request, metadata=root.metadata())
+    assert duplicate.value.code() is grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_zone_admin_manages_organisations_of_their_zone_only(people: People) -> None:
+    univ_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    kzone_admin = await people.as_new_user("kzone", "kzone-public", "zone_admin")
+    academy = (
+        await people.tenant.CreateOrganization(
+            tenant_service_pb2.CreateOrganizationRequest(organization=resources_pb2.Organization(name="Academy")),
+            metadata=univ_admin.metadata(),
+        )
+    ).organization
+    assert academy.zone_id == "univ"
+    with pytest.raises(grpc.aio.AioRpcError) as elsewhere:
+        await people.tenant.CreateOrganization(
+            tenant_service_pb2.CreateOrganizationRequest(
+                organization=resources_pb2.Organization(name="Sneaky", zone_id="kzone")
+            ),
+            metadata=univ_admin.metadata(),
+        )
+    assert reason(elsewhere.value) == "OUT_OF_SCOPE"
+    listed = await people.tenant.ListOrganizations(
+        tenant_service_pb2.ListOrganizationsRequest(), metadata=univ_admin.metadata()
+    )
+    assert {o.id for o in listed.organizations} == {"univ-public", academy.id}
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        await people.tenant.GetOrganization(
+            tenant_service_pb2.GetOrganizationRequest(org_id=academy.id), metadata=kzone_admin.metadata()
+        )
+    assert hidden.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_org_admin_renames_their_org_but_not_its_plan(people: People) -> None:
+    zone_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    academy = (
+        await people.tenant.CreateOrganization(
+            tenant_service_pb2.CreateOrganizationRequest(organization=resources_pb2.Organization(name="Academy")),
+            metadata=zone_admin.metadata(),
+        )
+    ).organization
+    org_admin = await people.as_new_user("univ", academy.id, "org_admin")
+    renamed = await people.tenant.UpdateOrganization(
+        tenant_service_pb2.UpdateOrganizationRequest(
+            org_id=academy.id,
+            organization=resources_pb2.Organization(name="Academy Seoul"),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+        ),
+        metadata=org_admin.metadata(),
+    )
+    assert renamed.organization.name == "Academy Seoul"
+    with pytest.raises(grpc.aio.AioRpcError) as plan:
+        await people.tenant.UpdateOrganization(
+            tenant_service_pb2.UpdateOrganizationRequest(
+                org_id=academy.id,
+                organization=resources_pb2.Organization(plan=resources_pb2.PLAN_PRO),
+                update_mask=field_mask_pb2.FieldMask(paths=["plan"]),
+            ),
+            metadata=org_admin.metadata(),
+        )
+    assert (plan.value.code(), reason(plan.value)) == (grpc.StatusCode.PERMISSION_DENIED, "OUT_OF_SCOPE")
+    upgraded = await people.tenant.UpdateOrganization(
+        tenant_service_pb2.UpdateOrganizationRequest(
+            org_id=academy.id,
+            organization=resources_pb2.Organization(plan=resources_pb2.PLAN_PRO),
+            update_mask=field_mask_pb2.FieldMask(paths=["plan"]),
+        ),
+        metadata=zone_admin.metadata(),
+    )
+    assert upgraded.organization.plan == resources_pb2.PLAN_PRO
+
+
+async def test_users_of_a_suspended_org_cannot_log_in(people: People) -> None:
+    zone_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    academy = (
+        await people.tenant.CreateOrganization(
+            tenant_service_pb2.CreateOrganizationRequest(organization=resources_pb2.Organization(name="Academy")),
+            metadata=zone_admin.metadata(),
+        )
+    ).organization
+    teacher = await people.add_user("univ", academy.id, "teacher")
+    await people.sign_in("univ", teacher)
+    suspended = await people.tenant.SuspendOrganization(
+        tenant_service_pb2.SuspendOrganizationRequest(org_id=academy.id, reason="unpaid"),
+        metadata=zone_admin.metadata(),
+    )
+    assert suspended.organization.status == resources_pb2.ORGANIZATION_STATUS_SUSPENDED
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await people.sign_in("univ", teacher)
+    assert (refused.value.code(), reason(refused.value)) == (grpc.StatusCode.PERMISSION_DENIED, "ORG_SUSPENDED")
+    await people.tenant.ReactivateOrganization(
+        tenant_service_pb2.ReactivateOrganizationRequest(org_id=academy.id), metadata=zone_admin.metadata()
+    )
+    await people.sign_in("univ", teacher)

@@ -16,7 +16,17 @@ from services.runtime.tokens import AccessClaims
 class CallInfo:
     """The served call's identity, limits and W3C trace context (ids and flags as lower-case hex)."""
 
-    __slots__ = ("caller", "deadline", "principal", "request_id", "span_id", "trace_flags", "trace_id", "trace_state")
+    __slots__ = (
+        "caller",
+        "deadline",
+        "principal",
+        "request_id",
+        "span_id",
+        "trace_flags",
+        "trace_id",
+        "trace_state",
+        "zone",
+    )
 
     def __init__(
         self,
@@ -36,6 +46,7 @@ class CallInfo:
         self.trace_flags = trace_flags
         self.trace_state = trace_state
         self.principal: AccessClaims | None = None  # the signed-in person, once their access token is verified
+        self.zone = ""  # the zone the edge resolved from the request's host (x-megacity-zone), '' without one
 
     def traceparent(self) -> str:
         """The W3C traceparent header of calls made on behalf of this one (this call's span as their parent)."""
@@ -72,3 +83,9 @@ def current_principal() -> AccessClaims | None:
     """The person the served call acts for (verified access token), or None for anonymous and mesh-only calls."""
     call = current.get()
     return call.principal if call else None
+
+
+def current_zone() -> str:
+    """The zone of the request's host, as the edge resolved it ('' when the call carries none)."""
+    call = current.get()
+    return call.zone if call else ""

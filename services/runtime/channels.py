@@ -24,7 +24,7 @@ from services.runtime import callcontext
 from services.runtime.catalog import Catalog
 from services.runtime.config import Transport, target_of
 from services.runtime.contracts import service_methods
-from services.runtime.interceptors import REQUEST_ID_HEADER
+from services.runtime.interceptors import REQUEST_ID_HEADER, ZONE_HEADER
 from services.runtime.pki import Credentials, service_dns_name
 from services.runtime.telemetry import spans_exported
 
@@ -81,8 +81,8 @@ class _ContextPropagation(
     grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
     grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
 ):
-    """Adds the served call's request id and, unless OpenTelemetry's interceptors do it (spans exported), its
-    trace context; bounds the outgoing deadline by the served call's."""
+    """Adds the served call's request id, request zone and (unless OpenTelemetry's interceptors do it, when spans
+    are exported) its trace context; bounds the outgoing deadline by the served call's."""
 
     def __init__(self, default_deadline: float, propagate_trace: bool) -> None:
         self._default_deadline = default_deadline
@@ -95,6 +95,8 @@ class _ContextPropagation(
         if call is not None:
             if REQUEST_ID_HEADER not in metadata:
                 metadata.add(REQUEST_ID_HEADER, call.request_id)
+            if call.zone and ZONE_HEADER not in metadata:
+                metadata.add(ZONE_HEADER, call.zone)
             if self._propagate_trace and "traceparent" not in metadata:
                 metadata.add("traceparent", call.traceparent())
                 if call.trace_state:

@@ -24,7 +24,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -32,6 +32,8 @@ import structlog
 from opentelemetry import trace
 
 from services.runtime import callcontext
+from services.runtime.authn import Authenticator
+from services.runtime.contracts import MethodAccess
 from services.runtime.errors import (
     STATUS_DETAILS_KEY,
     ErrorReason,
@@ -39,6 +41,7 @@ from services.runtime.errors import (
     PermissionDenied,
     ServiceError,
     Unauthenticated,
+    Unavailable,
     Unimplemented,
 )
 from services.runtime.identity import Identify
@@ -46,6 +49,8 @@ from services.runtime.policy import MethodPolicy
 from services.runtime.telemetry import RpcMetrics, ServerTrace, access_log
 
 REQUEST_ID_HEADER = "x-request-id"
+# The zone the edge resolved from the request's host; the edge strips any copy a client sends.
+ZONE_HEADER = "x-megacity-zone"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name (and hashing) is slow on the hot path
@@ -61,10 +66,12 @@ def _status_trailer(error: ServiceError) -> tuple[tuple[str, bytes], ...]:
 class _Route:
     """What the interceptor knows about one method, computed once."""
 
-    def __init__(self, path: str, rpc_type: str, callers: frozenset[str]) -> None:
+    def __init__(self, path: str, rpc_type: str, callers: frozenset[str], access: MethodAccess | None) -> None:
         self.path = path
         self.rpc_type = rpc_type
         self.callers = callers
+        # Set when a person must present an access token (the contract's access option, unless anonymous).
+        self.person_access = access if access is not None and not access.anonymous else None
 
 
 class _Call(callcontext.CallInfo):
@@ -77,32 +84,43 @@ class _Call(callcontext.CallInfo):
         self.started = started
         self.span: trace.Span | None = None  # OpenTelemetry's, when spans are recorded
         self.principal = None
+        self.zone = ""
         self.code = grpc.StatusCode.OK  # until an escaping exception says otherwise
 
 
 class RuntimeInterceptor:
     """Wraps a service's method handlers with the per-call work described above."""
 
-    def __init__(self, policy: MethodPolicy, identify: Identify, metrics: RpcMetrics) -> None:
+    def __init__(
+        self,
+        policy: MethodPolicy,
+        identify: Identify,
+        metrics: RpcMetrics,
+        access: Mapping[str, MethodAccess] | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self._policy = policy
         self._identify = identify
         self._metrics = metrics
+        self._access = access or {}
+        self._authenticator = authenticator
         self._trace = ServerTrace()
 
     def wrap(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """The handler of `path` with the runtime's per-call work around it."""
         h: Any = handler
         callers = self._policy.callers_for(path)
+        access = self._access.get(path)
         if h.unary_unary is not None:
-            route = _Route(path, "unary", callers)
+            route = _Route(path, "unary", callers, access)
             return h._replace(unary_unary=self._unary(route, h.unary_unary))  # type: ignore[no-any-return]
         if h.stream_unary is not None:
-            route = _Route(path, "client_stream", callers)
+            route = _Route(path, "client_stream", callers, access)
             return h._replace(stream_unary=self._unary(route, h.stream_unary))  # type: ignore[no-any-return]
         if h.unary_stream is not None:
-            route = _Route(path, "server_stream", callers)
+            route = _Route(path, "server_stream", callers, access)
             return h._replace(unary_stream=self._streaming(route, h.unary_stream))  # type: ignore[no-any-return]
-        route = _Route(path, "bidi_stream", callers)
+        route = _Route(path, "bidi_stream", callers, access)
         return h._replace(stream_stream=self._streaming(route, h.stream_stream))  # type: ignore[no-any-return]
 
     def _unary(
@@ -112,6 +130,8 @@ class RuntimeInterceptor:
             call = self._begin(route, context)
             try:
                 self._authorize(call)
+                if route.person_access is not None:
+                    await self._authenticate(call, route.person_access, context)
                 return await behavior(request, context)
             except BaseException as error:
                 await self._fail(call, context, error)
@@ -128,6 +148,8 @@ class RuntimeInterceptor:
             call = self._begin(route, context)
             try:
                 self._authorize(call)
+                if route.person_access is not None:
+                    await self._authenticate(call, route.person_access, context)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as error:
@@ -150,6 +172,8 @@ class RuntimeInterceptor:
                 traceparent = value
             elif key == "tracestate":
                 tracestate = value
+            elif key == ZONE_HEADER:
+                call.zone = value
         call.caller = self._identify(context)
         trace_id, call.span_id, call.trace_flags, call.trace_state = self._trace.start(traceparent, tracestate)
         call.trace_id = trace_id
@@ -176,6 +200,17 @@ class RuntimeInterceptor:
                 reason=ErrorReason.ERROR_REASON_CALLER_NOT_ALLOWED,
                 metadata={"caller": call.caller, "method": call.route.path},
             )
+
+    async def _authenticate(self, call: _Call, access: MethodAccess, context: Context) -> None:
+        if self._authenticator is None:
+            raise Unavailable("this service cannot verify access tokens", retry_after_seconds=5.0)
+        try:
+            call.principal = await self._authenticator.authenticate(
+                context.invocation_metadata() or (), access, call.zone
+            )
+        except PermissionDenied as denied:
+            self._log_denial(call, denied.message)
+            raise
 
     async def _fail(self, call: _Call, context: Context, error: BaseException) -> None:
         """Ends the call with the status an escaping exception maps to: aborts with it (which raises) when

@@ -27,10 +27,11 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from redis.asyncio import Redis
 
+from services.runtime.authn import Authenticator, JwksSource, remote_jwks
 from services.runtime.catalog import load_catalog
 from services.runtime.channels import ChannelFactory
 from services.runtime.config import ServiceConfig, Transport
-from services.runtime.contracts import default_pool
+from services.runtime.contracts import default_pool, service_methods
 from services.runtime.health import HealthMonitor, HealthServicer, Probe
 from services.runtime.identity import identifier
 from services.runtime.interceptors import Registrar, RuntimeInterceptor
@@ -75,6 +76,9 @@ class Dependencies:
     redis: Redis | None = None
     # Extra readiness probes a service adds (e.g. "model" once its model is loaded).
     probes: dict[str, Probe] = field(default_factory=dict)
+    # Where this service gets the JWKS that verifies access tokens: the auth service over the mesh, unless a
+    # servicer sets another source (the auth service reads its own key ring).
+    jwks_source: JwksSource | None = None
 
 
 BuildServicers = Callable[[Dependencies], Sequence[ServicerBinding]]
@@ -132,10 +136,19 @@ class Service:
 
         metrics = RpcMetrics()
         policy = MethodPolicy(resolve_rules(config.entry, self._pool))
+        access = {
+            method.path: method.access
+            for service in config.entry.grpc_services
+            for method in service_methods(self._pool, service) or ()
+            if method.access is not None
+        }
+        authenticator = Authenticator(deps.jwks_source or remote_jwks(channels), deps.redis) if access else None
         # With exported spans, OpenTelemetry's own server interceptor makes each call's span (see ServerSpans).
         tracing: list[Any] = [aio_server_interceptor()] if spans_exported() else []  # type: ignore[no-untyped-call]
         server = grpc.aio.server(interceptors=tracing, options=SERVER_OPTIONS)
-        interceptor = RuntimeInterceptor(policy, identifier(config.catalog, config.transport), metrics)
+        interceptor = RuntimeInterceptor(
+            policy, identifier(config.catalog, config.transport), metrics, access, authenticator
+        )
         registrar: Any = Registrar(server, interceptor)  # what the generated add_*_to_server functions need of a server
         for binding in bindings:
             binding.add_to_server(binding.servicer, registrar)

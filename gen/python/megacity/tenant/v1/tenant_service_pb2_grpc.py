@@ -222,8 +222,9 @@ class TenantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateOrganization(self, request, context):
-        """Changes an organisation's name, plan or contact. Permission `org:update` (org_admin of it: name and contact
-        only; zone_admin and super_admin: also the plan).
+        """Changes an organisation's name, plan or contact: its org_admin the name and contact only, the zone's zone_admin
+        and super_admin also the plan (OUT_OF_SCOPE otherwise). No single permission of the role table covers both
+        (org_admin holds `org:update`, zone_admin does not), so the rule is the handler's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

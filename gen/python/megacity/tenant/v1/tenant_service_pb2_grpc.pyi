@@ -60,8 +60,9 @@ class TenantServiceStub:
     CreateOrganization: _aio.UnaryUnaryMultiCallable[_tenant_service_pb2.CreateOrganizationRequest, _tenant_service_pb2.CreateOrganizationResponse]
     """Creates an organisation in the caller's zone. Permission `org:create` (zone_admin, super_admin)."""
     UpdateOrganization: _aio.UnaryUnaryMultiCallable[_tenant_service_pb2.UpdateOrganizationRequest, _tenant_service_pb2.UpdateOrganizationResponse]
-    """Changes an organisation's name, plan or contact. Permission `org:update` (org_admin of it: name and contact
-    only; zone_admin and super_admin: also the plan).
+    """Changes an organisation's name, plan or contact: its org_admin the name and contact only, the zone's zone_admin
+    and super_admin also the plan (OUT_OF_SCOPE otherwise). No single permission of the role table covers both
+    (org_admin holds `org:update`, zone_admin does not), so the rule is the handler's.
     """
     SuspendOrganization: _aio.UnaryUnaryMultiCallable[_tenant_service_pb2.SuspendOrganizationRequest, _tenant_service_pb2.SuspendOrganizationResponse]
     """Suspends an organisation: its users can no longer log in and their sessions end (zone_admin, super_admin)."""
@@ -180,8 +181,9 @@ class TenantServiceServicer:
         request: _tenant_service_pb2.UpdateOrganizationRequest,
         context: _aio.ServicerContext[_tenant_service_pb2.UpdateOrganizationRequest, _abc.Awaitable[_tenant_service_pb2.UpdateOrganizationResponse]],
     ) -> _abc.Awaitable[_tenant_service_pb2.UpdateOrganizationResponse]:
-        """Changes an organisation's name, plan or contact. Permission `org:update` (org_admin of it: name and contact
-        only; zone_admin and super_admin: also the plan).
+        """Changes an organisation's name, plan or contact: its org_admin the name and contact only, the zone's zone_admin
+        and super_admin also the plan (OUT_OF_SCOPE otherwise). No single permission of the role table covers both
+        (org_admin holds `org:update`, zone_admin does not), so the rule is the handler's.
         """
 
     def SuspendOrganization(

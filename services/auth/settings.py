@@ -1,0 +1,60 @@
+"""The auth service's own settings, from environment variables (the runtime's are in services/runtime/config.py).
+
+| variable                               | default   | meaning                                                      |
+|----------------------------------------|-----------|--------------------------------------------------------------|
+| MEGACITY_PII_KEYS                      | required  | `kid:base64url(32 bytes)`, comma separated, newest first:   |
+|                                        |           | encrypts personal data and the token signing keys at rest   |
+|                                        |           | (`megacity up` makes one under $MEGACITY_HOME/secrets)       |
+| MEGACITY_ACCESS_TOKEN_SECONDS          | 900       | access token lifetime                                        |
+| MEGACITY_REFRESH_TOKEN_SECONDS         | 2592000   | refresh token lifetime (30 days)                             |
+| MEGACITY_BCRYPT_COST                   | 12        | bcrypt work factor for new password hashes                   |
+| MEGACITY_SIGNING_KEY_ROTATION_SECONDS  | 2592000   | age at which the signing key is replaced (30 days)           |
+| MEGACITY_LOGIN_SLOWDOWN                | 1         | multiplies the delay after repeated failed logins (0: none)  |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from services.auth.accounts import REFRESH_TOKEN_LIFETIME_SECONDS
+from services.auth.passwords import DEFAULT_BCRYPT_COST
+from services.auth.pii import PiiKeyRing
+from services.auth.signing import DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS
+
+PII_KEYS_VARIABLE = "MEGACITY_PII_KEYS"
+
+
+def _number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    pii: PiiKeyRing
+    access_token_seconds: int
+    refresh_token_seconds: int
+    bcrypt_cost: int
+    signing_key_rotation_seconds: float
+    login_slowdown: float
+
+    @classmethod
+    def from_environment(cls) -> AuthSettings:
+        keys = os.environ.get(PII_KEYS_VARIABLE, "")
+        if not keys:
+            raise ValueError(f"{PII_KEYS_VARIABLE} is not set: the auth service cannot store personal data safely")
+        return cls(
+            pii=PiiKeyRing.from_environment(keys),
+            access_token_seconds=int(_number("MEGACITY_ACCESS_TOKEN_SECONDS", DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS)),
+            refresh_token_seconds=int(_number("MEGACITY_REFRESH_TOKEN_SECONDS", REFRESH_TOKEN_LIFETIME_SECONDS)),
+            bcrypt_cost=int(_number("MEGACITY_BCRYPT_COST", DEFAULT_BCRYPT_COST)),
+            signing_key_rotation_seconds=_number("MEGACITY_SIGNING_KEY_ROTATION_SECONDS", 30 * 24 * 3600),
+            login_slowdown=_number("MEGACITY_LOGIN_SLOWDOWN", 1.0),
+        )
