@@ -1,4 +1,5 @@
-"""The `megacity` command: run the mesh locally, serve one service, migrate the database, generate code, check.
+"""The `megacity` command: run the mesh locally, serve one service, migrate the database, verify the audit trail,
+generate code, check.
 
 Each subcommand is a thin shell over the module that does the work; imports are deferred so that
 `megacity serve auth` loads only what a service needs.
@@ -83,6 +84,12 @@ def _db(args: argparse.Namespace) -> int:
     return migrations.command(args.action, database_url=args.database_url)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from ops import audit
+
+    return audit.command(args.zone, database_url=args.database_url)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megacity", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -118,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         "then MEGACITY_DATABASE_URL, then the local embedded PostgreSQL)",
     )
     db.set_defaults(handler=_db)
+
+    audit = commands.add_parser("audit", help="the audit trail: verify its hash chains")
+    audit.add_argument(
+        "action", choices=["verify"], help="report each zone's first broken link; exit 1 if any, 2 if unreadable"
+    )
+    audit.add_argument("--zone", default=None, help="verify only this zone (default: every zone with records)")
+    audit.add_argument("--database-url", default=None, help="owner connection URL (default: as for `db`)")
+    audit.set_defaults(handler=_audit)
 
     gen = commands.add_parser("gen", help="regenerate code and manifests from proto/ and mesh/catalog.yaml")
     gen.add_argument("--check", action="store_true", help="fail if anything generated is stale")

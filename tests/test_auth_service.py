@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import asyncpg
 import grpc
@@ -13,6 +14,7 @@ from redis.asyncio import Redis
 
 from megacity.auth.v1 import auth_service_pb2 as pb
 from megacity.auth.v1 import resources_pb2
+from services.auth import mfa
 from services.auth.accounts import ACCOUNT_LOCK_THRESHOLD
 from services.runtime.authn import REVOCATIONS_READY_KEY
 from services.runtime.errors import error_info, field_violations, status_from_error
@@ -286,3 +288,86 @@ async def test_jwks_publishes_the_signing_key(people: People) -> None:
     keys = (await people.auth.GetJwks(pb.GetJwksRequest())).keys
     header = json.loads(base64.urlsafe_b64decode(registered.access_token.split(".")[0] + "=="))
     assert [(k.kty, k.crv, k.alg, k.kid) for k in keys] == [("OKP", "Ed25519", "EdDSA", header["kid"])]
+
+
+async def test_mfa_enrolment_login_challenge_recovery_codes_and_disable(people: People) -> None:
+    caller, _ = await _register(people)
+    wrong_password = await _fails(
+        people.auth.EnrollMfa(pb.EnrollMfaRequest(password="nope"), metadata=caller.metadata())
+    )
+    assert reason(wrong_password) == "INVALID_CREDENTIALS"
+    enrolment = await people.auth.EnrollMfa(pb.EnrollMfaRequest(password=PASSWORD), metadata=caller.metadata())
+    assert enrolment.otpauth_uri.startswith("otpauth://totp/")
+    assert f"secret={enrolment.secret}" in enrolment.otpauth_uri
+    bad = await _fails(people.auth.ConfirmMfa(pb.ConfirmMfaRequest(code="000000"), metadata=caller.metadata()))
+    assert (bad.code(), reason(bad)) == (grpc.StatusCode.INVALID_ARGUMENT, "MFA_CODE_INVALID")
+    confirming_code = mfa.totp_code(enrolment.secret, time.time())
+    confirmed = await people.auth.ConfirmMfa(pb.ConfirmMfaRequest(code=confirming_code), metadata=caller.metadata())
+    assert len(confirmed.recovery_codes) == 10
+    assert confirmed.user.mfa_enabled
+
+    # With MFA on, the password alone gives a challenge, not tokens.
+    login = await people.auth.Login(
+        pb.LoginRequest(email="mina@example.com", password=PASSWORD), metadata=Caller("univ").metadata()
+    )
+    assert login.mfa_required
+    assert not login.access_token
+    challenge = login.mfa_challenge.challenge_token
+    # The code just used to confirm is spent (its time step is): a replay is refused.
+    replay = await _fails(
+        people.auth.VerifyMfaChallenge(
+            pb.VerifyMfaChallengeRequest(challenge_token=challenge, code=confirming_code),
+            metadata=Caller("univ").metadata(),
+        )
+    )
+    assert reason(replay) == "MFA_CODE_INVALID"
+    signed_in = await people.auth.VerifyMfaChallenge(
+        pb.VerifyMfaChallengeRequest(challenge_token=challenge, recovery_code=confirmed.recovery_codes[0]),
+        metadata=Caller("univ").metadata(),
+    )
+    assert signed_in.access_token
+    assert signed_in.recovery_codes_remaining == 9
+    used = await _fails(
+        people.auth.VerifyMfaChallenge(
+            pb.VerifyMfaChallengeRequest(challenge_token=challenge, recovery_code=confirmed.recovery_codes[1]),
+            metadata=Caller("univ").metadata(),
+        )
+    )
+    assert reason(used) == "MFA_CHALLENGE_INVALID"  # single use
+    sessions = (
+        await people.auth.ListSessions(
+            pb.ListSessionsRequest(), metadata=Caller("univ", token=signed_in.access_token).metadata()
+        )
+    ).sessions
+    assert any(s.mfa_verified for s in sessions)
+
+    # The same recovery code does not work twice; disabling needs a fresh factor.
+    again = await people.auth.Login(
+        pb.LoginRequest(email="mina@example.com", password=PASSWORD), metadata=Caller("univ").metadata()
+    )
+    spent = await _fails(
+        people.auth.VerifyMfaChallenge(
+            pb.VerifyMfaChallengeRequest(
+                challenge_token=again.mfa_challenge.challenge_token, recovery_code=confirmed.recovery_codes[0]
+            ),
+            metadata=Caller("univ").metadata(),
+        )
+    )
+    assert reason(spent) == "MFA_CODE_INVALID"
+    disabled = await people.auth.DisableMfa(
+        pb.DisableMfaRequest(recovery_code=confirmed.recovery_codes[2]), metadata=caller.metadata()
+    )
+    assert not disabled.user.mfa_enabled
+    plain = await people.auth.Login(
+        pb.LoginRequest(email="mina@example.com", password=PASSWORD), metadata=Caller("univ").metadata()
+    )
+    assert plain.access_token
+
+
+async def test_a_wrong_challenge_is_refused(people: People) -> None:
+    error = await _fails(
+        people.auth.VerifyMfaChallenge(
+            pb.VerifyMfaChallengeRequest(challenge_token="made-up", code="123456"), metadata=Caller("univ").metadata()
+        )
+    )
+    assert (error.code(), reason(error)) == (grpc.StatusCode.UNAUTHENTICATED, "MFA_CHALLENGE_INVALID")

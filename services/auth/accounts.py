@@ -8,11 +8,13 @@ an account, or the twentieth from a client within the window, logins lock for 15
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import secrets
 import uuid
 
+from services.runtime.database import TenantScope
 from services.runtime.errors import Violations
 
 ACCOUNT_LOCK_THRESHOLD = 10
@@ -75,3 +77,23 @@ def failure_delay(failures: int) -> float:
 def may_grant(granter_role: str, role: str) -> bool:
     """Whether a person of `granter_role` may create a user or invite code of `role`."""
     return role in ROLE_RANK and ROLE_RANK[role] <= ROLE_RANK.get(granter_role, -1) and role != "super_admin"
+
+
+def new_invite_code() -> str:
+    """An invite code people can type: 80 random bits in base32 (no 0/1/8/9 look-alikes), in groups of four."""
+    raw = base64.b32encode(secrets.token_bytes(10)).decode()
+    return "-".join(raw[start : start + 4] for start in range(0, len(raw), 4))
+
+
+def invite_code_hash(code: str) -> str:
+    """Invite codes match whatever their case or dashes."""
+    return token_hash(code.replace("-", "").replace(" ", "").upper())
+
+
+def admin_scope(role: str, zone_id: str, org_id: str) -> TenantScope:
+    """The users an administrator may see: all (super_admin), their zone's (zone_admin), else their org's."""
+    if role == "super_admin":
+        return TenantScope.platform()
+    if role == "zone_admin":
+        return TenantScope.zone(zone_id)
+    return TenantScope.org(zone_id, org_id)

@@ -133,27 +133,28 @@ class Authenticator:
         if any(value is not None for value in revoked):
             raise Unauthenticated("the access token was revoked", reason=ErrorReason.ERROR_REASON_TOKEN_REVOKED)
 
-    async def authenticate(
-        self, metadata: Iterable[tuple[str, str | bytes]], access: MethodAccess, request_zone: str
-    ) -> AccessClaims:
-        """The person a call acts for, allowed to call a method that declares `access`."""
+    async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> AccessClaims:
+        """The person a call acts for, from its bearer token."""
         token = bearer_token(metadata)
         if not token:
             raise Unauthenticated(
                 "this call needs an access token (authorization: Bearer <token>)",
                 reason=ErrorReason.ERROR_REASON_TOKEN_MISSING,
             )
-        claims = await self.verify(token)
-        if request_zone and request_zone != claims.zone_id:
-            raise PermissionDenied(
-                "the access token belongs to another zone than this request",
-                reason=ErrorReason.ERROR_REASON_ZONE_MISMATCH,
-                metadata={"token_zone": claims.zone_id, "request_zone": request_zone},
-            )
-        if not grants(claims.permissions, access.permission):
-            raise PermissionDenied(
-                f"your role does not grant {access.permission}",
-                reason=ErrorReason.ERROR_REASON_PERMISSION_MISSING,
-                metadata={"permission": access.permission},
-            )
-        return claims
+        return await self.verify(token)
+
+
+def authorize(claims: AccessClaims, access: MethodAccess, request_zone: str) -> None:
+    """Refuses a person of another zone than the request's, or whose role lacks the method's permission."""
+    if request_zone and request_zone != claims.zone_id:
+        raise PermissionDenied(
+            "the access token belongs to another zone than this request",
+            reason=ErrorReason.ERROR_REASON_ZONE_MISMATCH,
+            metadata={"token_zone": claims.zone_id, "request_zone": request_zone},
+        )
+    if not grants(claims.permissions, access.permission):
+        raise PermissionDenied(
+            f"your role does not grant {access.permission}",
+            reason=ErrorReason.ERROR_REASON_PERMISSION_MISSING,
+            metadata={"permission": access.permission},
+        )

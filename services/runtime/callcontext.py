@@ -9,6 +9,9 @@ servicers that need the caller's identity.
 from __future__ import annotations
 
 from contextvars import ContextVar
+from typing import Any
+
+import grpc
 
 from services.runtime.tokens import AccessClaims
 
@@ -18,6 +21,7 @@ class CallInfo:
 
     __slots__ = (
         "caller",
+        "context",
         "deadline",
         "principal",
         "request_id",
@@ -47,6 +51,8 @@ class CallInfo:
         self.trace_state = trace_state
         self.principal: AccessClaims | None = None  # the signed-in person, once their access token is verified
         self.zone = ""  # the zone the edge resolved from the request's host (x-megacity-zone), '' without one
+        # The served call's gRPC context, for what is read rarely (client address, user agent): not parsed per call.
+        self.context: grpc.aio.ServicerContext[Any, Any] | None = None
 
     def traceparent(self) -> str:
         """The W3C traceparent header of calls made on behalf of this one (this call's span as their parent)."""

@@ -32,7 +32,8 @@ import structlog
 from opentelemetry import trace
 
 from services.runtime import callcontext
-from services.runtime.authn import Authenticator
+from services.runtime.audit import Auditor
+from services.runtime.authn import Authenticator, authorize
 from services.runtime.contracts import MethodAccess
 from services.runtime.errors import (
     STATUS_DETAILS_KEY,
@@ -43,6 +44,7 @@ from services.runtime.errors import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    reason_name,
 )
 from services.runtime.identity import Identify
 from services.runtime.policy import MethodPolicy
@@ -85,6 +87,7 @@ class _Call(callcontext.CallInfo):
         self.span: trace.Span | None = None  # OpenTelemetry's, when spans are recorded
         self.principal = None
         self.zone = ""
+        self.context = None
         self.code = grpc.StatusCode.OK  # until an escaping exception says otherwise
 
 
@@ -98,12 +101,14 @@ class RuntimeInterceptor:
         metrics: RpcMetrics,
         access: Mapping[str, MethodAccess] | None = None,
         authenticator: Authenticator | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self._policy = policy
         self._identify = identify
         self._metrics = metrics
         self._access = access or {}
         self._authenticator = authenticator
+        self._auditor = auditor
         self._trace = ServerTrace()
 
     def wrap(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
@@ -162,6 +167,7 @@ class RuntimeInterceptor:
 
     def _begin(self, route: _Route, context: Context) -> _Call:
         call = _Call(route, time.perf_counter())
+        call.context = context
         request_id = traceparent = tracestate = None
         for key, value in context.invocation_metadata() or ():
             if not isinstance(value, str):  # binary (-bin) headers are none of these
@@ -204,12 +210,19 @@ class RuntimeInterceptor:
     async def _authenticate(self, call: _Call, access: MethodAccess, context: Context) -> None:
         if self._authenticator is None:
             raise Unavailable("this service cannot verify access tokens", retry_after_seconds=5.0)
+        call.principal = await self._authenticator.authenticate(context.invocation_metadata() or ())
         try:
-            call.principal = await self._authenticator.authenticate(
-                context.invocation_metadata() or (), access, call.zone
-            )
+            authorize(call.principal, access, call.zone)
         except PermissionDenied as denied:
             self._log_denial(call, denied.message)
+            if self._auditor is not None:
+                await self._auditor.record(
+                    "permission_denied",
+                    "denied",
+                    resource_type="rpc",
+                    resource_id=call.route.path,
+                    details={"reason": reason_name(denied.reason), **denied.metadata},
+                )
             raise
 
     async def _fail(self, call: _Call, context: Context, error: BaseException) -> None:

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from redis.asyncio import Redis
 
+from services.runtime.audit import Auditor, remote_audit
 from services.runtime.authn import Authenticator, JwksSource, remote_jwks
 from services.runtime.catalog import load_catalog
 from services.runtime.channels import ChannelFactory
@@ -72,6 +73,9 @@ class Dependencies:
 
     config: ServiceConfig
     channels: ChannelFactory
+    # Where this service's audit records go: the auth service over the mesh, unless a servicer sets another
+    # writer (the auth service appends to its own log).
+    audit: Auditor
     database: asyncpg.Pool | None = None
     redis: Redis | None = None
     # Extra readiness probes a service adds (e.g. "model" once its model is loaded).
@@ -118,7 +122,7 @@ class Service:
         channels = ChannelFactory(
             config.catalog, config.transport, credentials, self._pool, config.default_deadline_seconds
         )
-        deps = Dependencies(config=config, channels=channels)
+        deps = Dependencies(config=config, channels=channels, audit=Auditor(remote_audit(channels)))
         probes: dict[str, Probe] = {}
         if config.database_url and "postgres" in config.entry.depends_on:
             from services.runtime import database
@@ -147,7 +151,7 @@ class Service:
         tracing: list[Any] = [aio_server_interceptor()] if spans_exported() else []  # type: ignore[no-untyped-call]
         server = grpc.aio.server(interceptors=tracing, options=SERVER_OPTIONS)
         interceptor = RuntimeInterceptor(
-            policy, identifier(config.catalog, config.transport), metrics, access, authenticator
+            policy, identifier(config.catalog, config.transport), metrics, access, authenticator, deps.audit
         )
         registrar: Any = Registrar(server, interceptor)  # what the generated add_*_to_server functions need of a server
         for binding in bindings:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from megacity.tenant.v1 import tenant_service_pb2 as pb
 from megacity.tenant.v1 import tenant_service_pb2_grpc
 from services.runtime import paging
+from services.runtime.audit import Auditor
 from services.runtime.callcontext import current_principal
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
@@ -35,8 +36,9 @@ def _required(violations: Violations, value: str, field: str) -> None:
 
 
 class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
-    def __init__(self, store: TenantStore) -> None:
+    def __init__(self, store: TenantStore, auditor: Auditor) -> None:
         self._store = store
+        self._audit = auditor
 
     # --- which zone is this host (edge and services) ------------------------------------------------------
 
@@ -110,6 +112,9 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         violations.check(len(set(domains)) == len(domains), "domains", "each domain once")
         violations.raise_if_any()
         zone = await self._store.create_zone(request.zone, domains, request.public_org_name.strip())
+        await self._audit.record(
+            "create", "success", resource_type="zone", resource_id=zone.id, details={"domains": domains}
+        )
         return pb.CreateZoneResponse(zone=zone)
 
     async def UpdateZone(
@@ -133,7 +138,11 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
             if request.status not in zones.ZONE_STATUSES:
                 raise InvalidArgument("status is invalid", [("status", "ZONE_STATUS_ACTIVE or ZONE_STATUS_DISABLED")])
             changes["status"] = zones.ZONE_STATUSES[request.status]
-        return pb.UpdateZoneResponse(zone=await self._store.update_zone(request.zone_id, changes))
+        zone = await self._store.update_zone(request.zone_id, changes)
+        await self._audit.record(
+            "update", "success", resource_type="zone", resource_id=zone.id, details={"fields": sorted(changes)}
+        )
+        return pb.UpdateZoneResponse(zone=zone)
 
     async def AddZoneDomain(
         self,
@@ -145,7 +154,11 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         _required(violations, request.zone_id, "zone_id")
         domain = zones.check_domain(violations, request.domain, "domain")
         violations.raise_if_any()
-        return pb.AddZoneDomainResponse(zone=await self._store.add_domain(request.zone_id, domain))
+        zone = await self._store.add_domain(request.zone_id, domain)
+        await self._audit.record(
+            "update", "success", resource_type="zone", resource_id=zone.id, details={"domain_added": domain}
+        )
+        return pb.AddZoneDomainResponse(zone=zone)
 
     async def RemoveZoneDomain(
         self,
@@ -157,7 +170,11 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         _required(violations, request.zone_id, "zone_id")
         domain = zones.check_domain(violations, request.domain, "domain")
         violations.raise_if_any()
-        return pb.RemoveZoneDomainResponse(zone=await self._store.remove_domain(request.zone_id, domain))
+        zone = await self._store.remove_domain(request.zone_id, domain)
+        await self._audit.record(
+            "update", "success", resource_type="zone", resource_id=zone.id, details={"domain_removed": domain}
+        )
+        return pb.RemoveZoneDomainResponse(zone=zone)
 
     # --- organisations ----------------------------------------------------------------------------------------
 
@@ -216,6 +233,15 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         violations.raise_if_any()
         plan = zones.PLANS.get(organization.plan, "free")
         created = await self._store.create_organization(actor.scope(), zone_id, organization, plan)
+        await self._audit.record(
+            "org_change",
+            "success",
+            resource_type="organization",
+            resource_id=created.id,
+            zone_id=created.zone_id,
+            org_id=created.id,
+            details={"event": "created", "plan": plan},
+        )
         return pb.CreateOrganizationResponse(organization=created)
 
     async def UpdateOrganization(
@@ -244,6 +270,15 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         if "plan" in paths:
             changes["plan"] = zones.PLANS[request.organization.plan]
         updated = await self._store.update_organization(actor.scope(), request.org_id, changes)
+        await self._audit.record(
+            "org_change",
+            "success",
+            resource_type="organization",
+            resource_id=updated.id,
+            zone_id=updated.zone_id,
+            org_id=updated.id,
+            details={"event": "updated", "fields": sorted(changes)},
+        )
         return pb.UpdateOrganizationResponse(organization=updated)
 
     async def SuspendOrganization(
@@ -265,6 +300,15 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
             )
         changes = {"status": "suspended", "suspend_reason": request.reason.strip(), "suspend_time": _now()}
         updated = await self._store.update_organization(actor.scope(), request.org_id, changes)
+        await self._audit.record(
+            "org_change",
+            "success",
+            resource_type="organization",
+            resource_id=updated.id,
+            zone_id=updated.zone_id,
+            org_id=updated.id,
+            details={"event": "suspended", "reason": updated.suspend_reason},
+        )
         return pb.SuspendOrganizationResponse(organization=updated)
 
     async def ReactivateOrganization(
@@ -280,6 +324,15 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         zones.require_zone_admin_of(actor, current.zone_id, "reactivate organisations")
         changes = {"status": "active", "suspend_reason": "", "suspend_time": None}
         updated = await self._store.update_organization(actor.scope(), request.org_id, changes)
+        await self._audit.record(
+            "org_change",
+            "success",
+            resource_type="organization",
+            resource_id=updated.id,
+            zone_id=updated.zone_id,
+            org_id=updated.id,
+            details={"event": "reactivated"},
+        )
         return pb.ReactivateOrganizationResponse(organization=updated)
 
 
@@ -290,5 +343,5 @@ def _now() -> datetime:
 def servicers(deps: Dependencies) -> list[ServicerBinding]:
     if deps.database is None:
         raise RuntimeError("the tenant service needs PostgreSQL (MEGACITY_DATABASE_URL)")
-    servicer = TenantServicer(TenantStore(deps.database))
+    servicer = TenantServicer(TenantStore(deps.database), deps.audit)
     return [ServicerBinding(tenant_service_pb2_grpc.add_TenantServiceServicer_to_server, servicer)]

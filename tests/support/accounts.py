@@ -55,6 +55,7 @@ class People:
     tenant_service: Service
     auth_url: str
     redis_url: str
+    pki_dir: Path
 
     async def add_user(self, zone: str, org: str, role: str, email: str | None = None) -> str:
         """A user made directly in the database (roles no RPC can create yet); returns the email."""
@@ -125,6 +126,7 @@ async def people(
                     tenant_service=tenant_service,
                     auth_url=identity_database["auth"],
                     redis_url=redis.url,
+                    pki_dir=pki_dir,
                 )
 
 
