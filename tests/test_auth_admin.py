@@ -291,3 +291,10 @@ async def _internal_check(people: People, request: pb.CheckParentLinkRequest) ->
     """CheckParentLink as the exam service calls it (mesh identity, no person)."""
     async with channel_as("exam", people.auth_service, people.pki_dir) as channel:
         return await auth_service_pb2_grpc.AuthServiceStub(channel).CheckParentLink(request)
+
+
+async def test_text_the_database_cannot_hold_is_the_callers_error(people: People) -> None:
+    admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    error = await _fails(people.auth.GetUser(pb.GetUserRequest(user_id="a\x00b"), metadata=admin.metadata()))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "NUL" in (error.details() or "")

@@ -13,12 +13,13 @@ import pytest
 from redis.asyncio import Redis
 
 from megacity.auth.v1 import auth_service_pb2 as pb
-from megacity.auth.v1 import resources_pb2
+from megacity.auth.v1 import auth_service_pb2_grpc, resources_pb2
 from services.auth import mfa
 from services.auth.accounts import ACCOUNT_LOCK_THRESHOLD
 from services.runtime.authn import REVOCATIONS_READY_KEY
 from services.runtime.errors import error_info, field_violations, status_from_error
 from tests.support.accounts import PASSWORD, Caller, People, reason
+from tests.support.mesh import channel_as, running
 
 
 async def _register(
@@ -371,3 +372,24 @@ async def test_a_wrong_challenge_is_refused(people: People) -> None:
         )
     )
     assert (error.code(), reason(error)) == (grpc.StatusCode.UNAUTHENTICATED, "MFA_CHALLENGE_INVALID")
+
+
+async def test_a_restart_of_auth_loses_no_session_and_revives_no_revoked_token(people: People) -> None:
+    kept, registered = await _register(people)
+    ended = await people.sign_in("univ", "mina@example.com")
+    await people.auth.Logout(pb.LogoutRequest(), metadata=ended.metadata())
+    config = people.auth_service.config
+    await people.auth_service.stop(grace=1.0)
+    async with running(config) as restarted, channel_as("edge", restarted, people.pki_dir) as channel:
+        auth = auth_service_pb2_grpc.AuthServiceStub(channel)
+        for _ in range(100):  # ready once its keys are loaded again
+            if restarted.health is not None and restarted.health.serving:
+                break
+            await asyncio.sleep(0.05)
+        await auth.GetMe(pb.GetMeRequest(), metadata=kept.metadata())
+        rotated = await auth.Refresh(
+            pb.RefreshRequest(refresh_token=registered.refresh_token), metadata=kept.metadata()
+        )
+        await auth.GetMe(pb.GetMeRequest(), metadata=Caller("univ", token=rotated.access_token).metadata())
+        revoked = await _fails(auth.GetMe(pb.GetMeRequest(), metadata=ended.metadata()))
+        assert reason(revoked) == "TOKEN_REVOKED"

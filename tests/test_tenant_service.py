@@ -10,6 +10,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from megacity.auth.v1 import auth_service_pb2
 from megacity.tenant.v1 import resources_pb2, tenant_service_pb2, tenant_service_pb2_grpc
 from ops import migrations
 from ops.embedded import EmbeddedPostgres
@@ -307,12 +308,16 @@ async def test_users_of_a_suspended_org_cannot_log_in(people: People) -> None:
         )
     ).organization
     teacher = await people.add_user("univ", academy.id, "teacher")
-    await people.sign_in("univ", teacher)
+    live = await people.sign_in("univ", teacher)
     suspended = await people.tenant.SuspendOrganization(
         tenant_service_pb2.SuspendOrganizationRequest(org_id=academy.id, reason="unpaid"),
         metadata=zone_admin.metadata(),
     )
     assert suspended.organization.status == resources_pb2.ORGANIZATION_STATUS_SUSPENDED
+    # Its live tokens stop working at once, not at their expiry.
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await people.auth.GetMe(auth_service_pb2.GetMeRequest(), metadata=live.metadata())
+    assert reason(ended.value) == "TOKEN_REVOKED"
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await people.sign_in("univ", teacher)
     assert (refused.value.code(), reason(refused.value)) == (grpc.StatusCode.PERMISSION_DENIED, "ORG_SUSPENDED")

@@ -1000,10 +1000,10 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             parent_id, scope = person.user_id, TenantScope.zone(person.zone_id)
         elif person.role == "student":
             student_id, scope = person.user_id, TenantScope.zone(person.zone_id)
-        elif grants(person.permissions, "student:read"):
+        elif grants(person.permissions, "student:read") or grants(person.permissions, "user:read"):
             student_id, scope = request.student_id or None, _admin_scope(person)
         else:
-            raise PermissionDenied("your role sees no parent links", reason=ErrorReason.ERROR_REASON_PERMISSION_MISSING)
+            raise PermissionDenied("your role sees no parent links", reason=ErrorReason.ERROR_REASON_ROLE_NOT_ALLOWED)
         if request.student_id and student_id != request.student_id:
             raise PermissionDenied("you may list only your own links", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE)
         status = LINK_STATUSES.get(request.status) if request.status else None
@@ -1141,6 +1141,21 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         return reply
 
     # --- internal -------------------------------------------------------------------------------------------------
+
+    async def RevokeOrganizationSessions(
+        self,
+        request: pb.RevokeOrganizationSessionsRequest,
+        context: UnaryContext[pb.RevokeOrganizationSessionsRequest, pb.RevokeOrganizationSessionsResponse],
+    ) -> pb.RevokeOrganizationSessionsResponse:
+        violations = Violations()
+        violations.check(bool(request.org_id), "org_id", "required")
+        violations.check(0 < len(request.reason) <= 64, "reason", "required, at most 64 characters")
+        violations.raise_if_any()
+        ended = await self._store.revoke_organization_sessions(request.org_id, request.reason)
+        await self._revocations.revoke_sessions(
+            (row["user_id"], row["session_id"], row["revoke_time"]) for row in ended
+        )
+        return pb.RevokeOrganizationSessionsResponse(sessions_revoked=len(ended))
 
     async def LookupUser(
         self, request: pb.LookupUserRequest, context: UnaryContext[pb.LookupUserRequest, pb.LookupUserResponse]

@@ -304,6 +304,18 @@ class AuthStore:
                 )
             )
 
+    async def revoke_organization_sessions(self, org_id: str, reason: str) -> list[asyncpg.Record]:
+        """Ends every open session of an organisation's users; returns those it ended."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            return list(
+                await connection.fetch(
+                    "UPDATE sessions SET revoke_time = now(), revoke_reason = $2 WHERE org_id = $1 "
+                    f"AND revoke_time IS NULL AND expire_time > now() RETURNING {_SESSION_COLUMNS}",
+                    org_id,
+                    reason,
+                )
+            )
+
     async def other_sessions(self, scope: TenantScope, user_id: str, keep_session_id: str) -> list[str]:
         """The ids of the user's open sessions other than `keep_session_id`."""
         async with tenant_transaction(self._pool, scope) as connection:

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import asyncpg
 import grpc
 import structlog
 from opentelemetry import trace
@@ -39,6 +40,7 @@ from services.runtime.errors import (
     STATUS_DETAILS_KEY,
     ErrorReason,
     Internal,
+    InvalidArgument,
     PermissionDenied,
     ServiceError,
     Unauthenticated,
@@ -55,6 +57,10 @@ REQUEST_ID_HEADER = "x-request-id"
 ZONE_HEADER = "x-megacity-zone"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+_UNSTORABLE_TEXT = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,
+    asyncpg.exceptions.UntranslatableCharacterError,
+)
 _CODE_NAMES = {code: code.name for code in grpc.StatusCode}  # enum .name (and hashing) is slow on the hot path
 _log = structlog.get_logger("megacity.rpc")
 
@@ -245,6 +251,13 @@ class RuntimeInterceptor:
             return error.code, error
         if isinstance(error, NotImplementedError):
             return grpc.StatusCode.UNIMPLEMENTED, Unimplemented(f"{call.route.path} is not implemented yet")
+        if isinstance(error, _UNSTORABLE_TEXT):
+            # Only a request brings text PostgreSQL cannot hold (a NUL character): the caller's mistake.
+            refused = InvalidArgument(
+                "the request contains text that cannot be stored (a NUL character?)",
+                [("", "text fields must not contain NUL characters")],
+            )
+            return refused.code, refused
         error_id = uuid.uuid4().hex
         _log.error(
             "rpc.unexpected_error",

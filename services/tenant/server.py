@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from megacity.tenant.v1 import tenant_service_pb2 as pb
 from megacity.tenant.v1 import tenant_service_pb2_grpc
 from services.runtime import paging
 from services.runtime.audit import Auditor
 from services.runtime.callcontext import current_principal
+from services.runtime.channels import ChannelFactory
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
 from services.runtime.errors import ErrorReason, InvalidArgument, NotFound, Unauthenticated, Violations
@@ -36,9 +38,10 @@ def _required(violations: Violations, value: str, field: str) -> None:
 
 
 class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
-    def __init__(self, store: TenantStore, auditor: Auditor) -> None:
+    def __init__(self, store: TenantStore, auditor: Auditor, channels: ChannelFactory) -> None:
         self._store = store
         self._audit = auditor
+        self._channels = channels
 
     # --- which zone is this host (edge and services) ------------------------------------------------------
 
@@ -300,6 +303,11 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
             )
         changes = {"status": "suspended", "suspend_reason": request.reason.strip(), "suspend_time": _now()}
         updated = await self._store.update_organization(actor.scope(), request.org_id, changes)
+        # Logins are refused from now on (auth asks for the organisation's status); live tokens end here.
+        auth = auth_service_pb2_grpc.AuthServiceStub(self._channels.channel("auth"))
+        await auth.RevokeOrganizationSessions(
+            auth_service_pb2.RevokeOrganizationSessionsRequest(org_id=updated.id, reason="org_suspended")
+        )
         await self._audit.record(
             "org_change",
             "success",
@@ -343,5 +351,5 @@ def _now() -> datetime:
 def servicers(deps: Dependencies) -> list[ServicerBinding]:
     if deps.database is None:
         raise RuntimeError("the tenant service needs PostgreSQL (MEGACITY_DATABASE_URL)")
-    servicer = TenantServicer(TenantStore(deps.database), deps.audit)
+    servicer = TenantServicer(TenantStore(deps.database), deps.audit, deps.channels)
     return [ServicerBinding(tenant_service_pb2_grpc.add_TenantServiceServicer_to_server, servicer)]

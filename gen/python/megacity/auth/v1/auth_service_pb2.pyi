@@ -1972,3 +1972,51 @@ class LookupUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupUserResponse: _TypeAlias = LookupUserResponse  # noqa: Y015
+
+@_typing.final
+class RevokeOrganizationSessionsRequest(_message.Message):
+    """The request of AuthService.RevokeOrganizationSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    org_id: _builtins.str
+    """The organisation whose users' sessions end."""
+    reason: _builtins.str
+    """Why, for the audit trail and the sessions' revoke reason (e.g. `org_suspended`)."""
+    def __init__(
+        self,
+        *,
+        org_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["org_id", b"org_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeOrganizationSessionsRequest: _TypeAlias = RevokeOrganizationSessionsRequest  # noqa: Y015
+
+@_typing.final
+class RevokeOrganizationSessionsResponse(_message.Message):
+    """The response of AuthService.RevokeOrganizationSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_REVOKED_FIELD_NUMBER: _builtins.int
+    sessions_revoked: _builtins.int
+    """How many sessions were ended (0 when none was open)."""
+    def __init__(
+        self,
+        *,
+        sessions_revoked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions_revoked", b"sessions_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeOrganizationSessionsResponse: _TypeAlias = RevokeOrganizationSessionsResponse  # noqa: Y015

@@ -211,6 +211,11 @@ class AuthServiceStub:
                 request_serializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.LookupUserRequest.SerializeToString,
                 response_deserializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.LookupUserResponse.FromString,
                 _registered_method=True)
+        self.RevokeOrganizationSessions = channel.unary_unary(
+                '/megacity.auth.v1.AuthService/RevokeOrganizationSessions',
+                request_serializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.RevokeOrganizationSessionsRequest.SerializeToString,
+                response_deserializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.RevokeOrganizationSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -493,6 +498,14 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeOrganizationSessions(self, request, context):
+        """Ends every open session of an organisation's users (the tenant service, when it suspends the organisation):
+        their live access tokens stop working at once, and logins stay refused while the organisation is suspended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -670,6 +683,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.LookupUser,
                     request_deserializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.LookupUserRequest.FromString,
                     response_serializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.LookupUserResponse.SerializeToString,
+            ),
+            'RevokeOrganizationSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOrganizationSessions,
+                    request_deserializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.RevokeOrganizationSessionsRequest.FromString,
+                    response_serializer=megacity_dot_auth_dot_v1_dot_auth__service__pb2.RevokeOrganizationSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1619,6 +1637,33 @@ class AuthService:
             '/megacity.auth.v1.AuthService/LookupUser',
             megacity_dot_auth_dot_v1_dot_auth__service__pb2.LookupUserRequest.SerializeToString,
             megacity_dot_auth_dot_v1_dot_auth__service__pb2.LookupUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOrganizationSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/megacity.auth.v1.AuthService/RevokeOrganizationSessions',
+            megacity_dot_auth_dot_v1_dot_auth__service__pb2.RevokeOrganizationSessionsRequest.SerializeToString,
+            megacity_dot_auth_dot_v1_dot_auth__service__pb2.RevokeOrganizationSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -144,6 +144,10 @@ class AuthServiceStub:
     """Whether a parent has an approved link to a student (exam's report access rule)."""
     LookupUser: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LookupUserRequest, _auth_service_pb2.LookupUserResponse]
     """One user by id, for services (zone, organisation, role, status, name). Deactivated users are returned too."""
+    RevokeOrganizationSessions: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeOrganizationSessionsRequest, _auth_service_pb2.RevokeOrganizationSessionsResponse]
+    """Ends every open session of an organisation's users (the tenant service, when it suspends the organisation):
+    their live access tokens stop working at once, and logins stay refused while the organisation is suspended.
+    """
 
 class AuthServiceServicer:
     """Accounts, tokens, MFA, sessions, users, invite codes, parent links and the audit trail.
@@ -442,5 +446,14 @@ class AuthServiceServicer:
         context: _aio.ServicerContext[_auth_service_pb2.LookupUserRequest, _abc.Awaitable[_auth_service_pb2.LookupUserResponse]],
     ) -> _abc.Awaitable[_auth_service_pb2.LookupUserResponse]:
         """One user by id, for services (zone, organisation, role, status, name). Deactivated users are returned too."""
+
+    def RevokeOrganizationSessions(
+        self,
+        request: _auth_service_pb2.RevokeOrganizationSessionsRequest,
+        context: _aio.ServicerContext[_auth_service_pb2.RevokeOrganizationSessionsRequest, _abc.Awaitable[_auth_service_pb2.RevokeOrganizationSessionsResponse]],
+    ) -> _abc.Awaitable[_auth_service_pb2.RevokeOrganizationSessionsResponse]:
+        """Ends every open session of an organisation's users (the tenant service, when it suspends the organisation):
+        their live access tokens stop working at once, and logins stay refused while the organisation is suspended.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _aio.Server) -> None: ...
