@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.auth import mfa, passwords, pii
+from services.auth.accounts import MAX_FAILURE_DELAY_SECONDS, SLOW_DOWN_AFTER, failure_delay
 from services.auth.passwords import PasswordRule
 from services.runtime.errors import InvalidArgument, error_info, field_violations
 
@@ -540,3 +541,10 @@ _ROUND_TRIP_RING = pii.PiiKeyRing.from_environment(pii.generate_key_spec("prop")
 def test_any_text_round_trips_under_its_context(plaintext: str, context: str) -> None:
     token = _ROUND_TRIP_RING.encrypt(plaintext, context)
     assert _ROUND_TRIP_RING.decrypt(token, context) == plaintext
+
+
+def test_failed_logins_slow_down_then_cap() -> None:
+    delays = [failure_delay(failures) for failures in range(1, 12)]
+    assert delays[:SLOW_DOWN_AFTER] == [0.0] * SLOW_DOWN_AFTER
+    assert delays[SLOW_DOWN_AFTER : SLOW_DOWN_AFTER + 4] == [1.0, 2.0, 4.0, 8.0]
+    assert max(delays) == MAX_FAILURE_DELAY_SECONDS
