@@ -6,8 +6,6 @@ UNIMPLEMENTED, and everyone else PERMISSION_DENIED before anything is read.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 
@@ -16,22 +14,9 @@ from megacity.exam.v1 import exam_service_pb2 as pb
 from megacity.exam.v1 import exam_service_pb2_grpc
 from megacity.tenant.v1 import resources_pb2 as tenant_resources
 from megacity.tenant.v1 import tenant_service_pb2 as tenant_pb
-from ops.embedded import EmbeddedRedis
 from services.exam.access import may_read_student_results
 from services.runtime.tokens import AccessClaims
 from tests.support.accounts import Caller, People
-from tests.support.mesh import channel_as, make_config, mesh_catalog, running
-
-
-@pytest.fixture
-async def exam(
-    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
-) -> AsyncIterator[exam_service_pb2_grpc.ExamServiceStub]:
-    config = make_config(
-        mesh_catalog(), "exam", people.pki_dir, database_url=identity_database["exam"], redis_url=redis.url
-    )
-    async with running(config) as service, channel_as("edge", service, people.pki_dir) as channel:
-        yield exam_service_pb2_grpc.ExamServiceStub(channel)
 
 
 async def _outcome(exam: exam_service_pb2_grpc.ExamServiceStub, caller: Caller, student_id: str) -> grpc.StatusCode:

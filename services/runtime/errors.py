@@ -209,6 +209,10 @@ class Violations:
     def __bool__(self) -> bool:
         return bool(self._items)
 
+    def items(self) -> list[tuple[str, str]]:
+        """The (field, description) pairs recorded so far."""
+        return list(self._items)
+
     def raise_if_any(self, message: str = "the request is invalid") -> None:
         if self._items:
             raise InvalidArgument(message, self._items)

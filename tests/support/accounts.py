@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
+from megacity.exam.v1 import exam_service_pb2_grpc
 from megacity.tenant.v1 import tenant_service_pb2_grpc
 from ops import migrations
 from ops.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -144,3 +145,15 @@ def reason(error: grpc.aio.AioRpcError) -> str:
     """The ErrorInfo reason of a failed call ('' without one)."""
     info = error_info(status_from_error(error))
     return info.reason if info else ""
+
+
+@pytest.fixture
+async def exam(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> AsyncIterator[exam_service_pb2_grpc.ExamServiceStub]:
+    """The exam service next to the identity services, called as the edge."""
+    config = make_config(
+        mesh_catalog(), "exam", people.pki_dir, database_url=identity_database["exam"], redis_url=redis.url
+    )
+    async with running(config) as service, channel_as("edge", service, people.pki_dir) as channel:
+        yield exam_service_pb2_grpc.ExamServiceStub(channel)

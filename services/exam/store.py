@@ -1,0 +1,459 @@
+"""The exam service's SQL (schema `exam`, db/exam/): the item bank with its parameter versions, and exams.
+
+Every table is tenant-owned; each method runs in the tenant scope its caller decided (services/exam/server.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+from google.protobuf import json_format
+
+from megacity.exam.v1 import resources_pb2 as res
+from services.exam import items as item_rules
+from services.runtime.database import TenantScope, tenant_transaction
+from services.runtime.errors import AlreadyExists, ErrorReason, NotFound
+
+_ITEM_SELECT = """
+    SELECT i.item_id, i.zone_id, i.org_id, i.external_id, i.content_area, i.item_type, i.stem, i.choices,
+        i.answer_key, i.media_uri, i.explanation, i.status, i.tags, i.language, i.exposure_count,
+        i.exposure_parameter, i.creator_id, i.create_time, i.update_time,
+        p.model, p.a, p.b, p.c, p.version, p.a_standard_error, p.b_standard_error, p.c_standard_error,
+        p.response_count
+    FROM items i
+    LEFT JOIN parameter_versions v ON v.org_id = i.org_id AND v.active
+    LEFT JOIN item_parameters p ON p.item_id = i.item_id AND p.version = v.version
+"""
+_EXAM_COLUMNS = """
+    exam_id, zone_id, org_id, title, description, exam_type, status, is_public, adaptive, fixed_form, score_scale,
+    time_limit_seconds, show_estimates, show_item_feedback, open_time, close_time, max_attempts_per_student,
+    creator_id, create_time, update_time, publish_time
+"""
+ITEM_FILTERS = frozenset({"content_area", "status", "item_type"})
+EXAM_UPDATABLE = frozenset(
+    {
+        "title",
+        "description",
+        "exam_type",
+        "is_public",
+        "adaptive",
+        "fixed_form",
+        "score_scale",
+        "time_limit_seconds",
+        "show_estimates",
+        "show_item_feedback",
+        "open_time",
+        "close_time",
+        "max_attempts_per_student",
+    }
+)
+
+
+def _json(message: object) -> str:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Owner:
+    zone_id: str
+    org_id: str
+    creator_id: str
+
+
+class ExamStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    # --- items ---------------------------------------------------------------------------------------------------
+
+    async def _active_version(self, connection: PoolConnectionProxy, zone_id: str, org_id: str) -> int:
+        """The organisation's active parameter version, made (version 1) with its first item."""
+        version = await connection.fetchval(
+            "SELECT version FROM parameter_versions WHERE org_id = $1 AND active", org_id
+        )
+        if version is None:
+            version = await connection.fetchval(
+                "INSERT INTO parameter_versions (zone_id, org_id, version, active, activate_time) "
+                "VALUES ($1, $2, 1, true, now()) ON CONFLICT (org_id, version) DO UPDATE SET active = true "
+                "RETURNING version",
+                zone_id,
+                org_id,
+            )
+        return int(version)
+
+    async def _write_item(
+        self, connection: PoolConnectionProxy, owner: Owner, item: res.Item, item_id: str, *, insert: bool
+    ) -> None:
+        parameters = item_rules.parameters_of(item)
+        content = (
+            item.content_area.strip(),
+            item_rules.ITEM_TYPES[item.item_type],
+            item.stem,
+            _json_list(item.choices),
+            _json(item.answer_key),
+            item.media_uri,
+            item.explanation,
+            item_rules.ITEM_STATUSES.get(item.status, "draft"),
+            list(item.tags),
+            item.language,
+        )
+        if insert:
+            await connection.execute(
+                "INSERT INTO items (item_id, zone_id, org_id, external_id, creator_id, content_area, item_type, stem, "
+                "choices, answer_key, media_uri, explanation, status, tags, language) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                item_id,
+                owner.zone_id,
+                owner.org_id,
+                item.external_id,
+                owner.creator_id,
+                *content,
+            )
+        else:
+            await connection.execute(
+                "UPDATE items SET content_area = $2, item_type = $3, stem = $4, choices = $5, answer_key = $6, "
+                "media_uri = $7, explanation = $8, status = $9, tags = $10, language = $11, update_time = now() "
+                "WHERE item_id = $1",
+                item_id,
+                *content,
+            )
+        version = await self._active_version(connection, owner.zone_id, owner.org_id)
+        await connection.execute(
+            "INSERT INTO item_parameters (item_id, version, zone_id, org_id, model, a, b, c) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (item_id, version) DO UPDATE SET "
+            "model = EXCLUDED.model, a = EXCLUDED.a, b = EXCLUDED.b, c = EXCLUDED.c",
+            item_id,
+            version,
+            owner.zone_id,
+            owner.org_id,
+            parameters.model,
+            parameters.a,
+            parameters.b,
+            parameters.c,
+        )
+
+    async def create_item(self, owner: Owner, item: res.Item) -> res.Item:
+        item_id = uuid.uuid4().hex
+        try:
+            async with tenant_transaction(self._pool, TenantScope.org(owner.zone_id, owner.org_id)) as connection:
+                await self._write_item(connection, owner, item, item_id, insert=True)
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(
+                f"an item with external_id {item.external_id!r} exists", reason=ErrorReason.ERROR_REASON_ALREADY_EXISTS
+            ) from None
+        return await self.item(TenantScope.org(owner.zone_id, owner.org_id), item_id)
+
+    async def replace_item(self, owner: Owner, item_id: str, item: res.Item) -> res.Item:
+        scope = TenantScope.org(owner.zone_id, owner.org_id)
+        async with tenant_transaction(self._pool, scope) as connection:
+            if not await connection.fetchval("SELECT EXISTS (SELECT FROM items WHERE item_id = $1)", item_id):
+                raise NotFound("no such item")
+            await self._write_item(connection, owner, item, item_id, insert=False)
+        return await self.item(scope, item_id)
+
+    async def import_items(self, owner: Owner, rows: Sequence[res.Item], *, upsert: bool) -> tuple[list[str], int, int]:
+        """Stores a validated import in one transaction: (item ids, created, updated). Without `upsert`, an
+        external id that exists already fails the whole import (ALREADY_EXISTS naming it)."""
+        ids: list[str] = []
+        created = updated = 0
+        async with tenant_transaction(self._pool, TenantScope.org(owner.zone_id, owner.org_id)) as connection:
+            for item in rows:
+                existing = None
+                if item.external_id:
+                    existing = await connection.fetchval(
+                        "SELECT item_id FROM items WHERE org_id = $1 AND external_id = $2",
+                        owner.org_id,
+                        item.external_id,
+                    )
+                if existing is not None and not upsert:
+                    raise AlreadyExists(
+                        f"an item with external_id {item.external_id!r} exists (import with upsert to update it)",
+                        reason=ErrorReason.ERROR_REASON_ALREADY_EXISTS,
+                    )
+                item_id = existing or uuid.uuid4().hex
+                await self._write_item(connection, owner, item, item_id, insert=existing is None)
+                ids.append(item_id)
+                created += existing is None
+                updated += existing is not None
+        return ids, created, updated
+
+    async def item(self, scope: TenantScope, item_id: str) -> res.Item:
+        async with tenant_transaction(self._pool, scope) as connection:
+            row = await connection.fetchrow(f"{_ITEM_SELECT} WHERE i.item_id = $1", item_id)
+        if row is None:
+            raise NotFound("no such item")
+        return item_message(row)
+
+    async def items(
+        self,
+        scope: TenantScope,
+        filters: Mapping[str, str],
+        *,
+        tag: str,
+        query: str,
+        min_b: float | None,
+        max_b: float | None,
+        after: str | None,
+        limit: int,
+    ) -> tuple[list[res.Item], int]:
+        assert ITEM_FILTERS.issuperset(filters), f"not a filter: {set(filters) - ITEM_FILTERS}"
+        arguments: list[object] = []
+
+        def bind(value: object) -> str:
+            arguments.append(value)
+            return f"${len(arguments)}"
+
+        conditions = [f"i.{column} = {bind(value)}" for column, value in filters.items()]
+        if tag:
+            conditions.append(f"{bind(tag)} = ANY(i.tags)")
+        if query:
+            conditions.append(f"lower(i.stem) LIKE {bind(f'%{query.lower()}%')}")
+        if min_b is not None:
+            conditions.append(f"p.b >= {bind(min_b)}")
+        if max_b is not None:
+            conditions.append(f"p.b <= {bind(max_b)}")
+        where = " AND ".join(conditions) or "true"
+        async with tenant_transaction(self._pool, scope) as connection:
+            total = await connection.fetchval(f"SELECT count(*) FROM ({_ITEM_SELECT} WHERE {where}) found", *arguments)
+            page_condition = f" AND i.item_id > {bind(after)}" if after else ""
+            rows = await connection.fetch(
+                f"{_ITEM_SELECT} WHERE {where}{page_condition} ORDER BY i.item_id LIMIT {bind(limit)}", *arguments
+            )
+        return [item_message(row) for row in rows], int(total)
+
+    async def delete_item(self, scope: TenantScope, item_id: str) -> None:
+        async with tenant_transaction(self._pool, scope) as connection:
+            deleted = await connection.execute("DELETE FROM items WHERE item_id = $1", item_id)
+        if deleted == "DELETE 0":
+            raise NotFound("no such item")
+
+    async def pool_size(self, scope: TenantScope, org_id: str, adaptive: res.AdaptiveConfig | None) -> int:
+        """How many active items with parameters an adaptive exam of `org_id` could draw from."""
+        conditions = ["i.org_id = $1", "i.status = 'active'", "p.version IS NOT NULL"]
+        arguments: list[object] = [org_id]
+        if adaptive is not None and adaptive.pool_item_ids:
+            arguments.append(list(adaptive.pool_item_ids))
+            conditions.append(f"i.item_id = ANY(${len(arguments)}::text[])")
+        if adaptive is not None and adaptive.pool_content_areas:
+            arguments.append(list(adaptive.pool_content_areas))
+            conditions.append(f"i.content_area = ANY(${len(arguments)}::text[])")
+        async with tenant_transaction(self._pool, scope) as connection:
+            return int(
+                await connection.fetchval(
+                    f"SELECT count(*) FROM ({_ITEM_SELECT} WHERE {' AND '.join(conditions)}) pool", *arguments
+                )
+            )
+
+    # --- exams ---------------------------------------------------------------------------------------------------
+
+    async def create_exam(self, owner: Owner, exam: res.Exam) -> asyncpg.Record:
+        async with tenant_transaction(self._pool, TenantScope.org(owner.zone_id, owner.org_id)) as connection:
+            row = await connection.fetchrow(
+                "INSERT INTO exams (exam_id, zone_id, org_id, creator_id, title, description, exam_type, is_public, "
+                "adaptive, fixed_form, score_scale, time_limit_seconds, show_estimates, show_item_feedback, "
+                "open_time, close_time, max_attempts_per_student) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+                f"$11, $12, $13, $14, $15, $16, $17) RETURNING {_EXAM_COLUMNS}",
+                uuid.uuid4().hex,
+                owner.zone_id,
+                owner.org_id,
+                owner.creator_id,
+                *exam_columns(exam).values(),
+            )
+        assert row is not None
+        return row
+
+    async def exam(
+        self, scope: TenantScope, exam_id: str, *, visible_to: tuple[str, str] | None = None
+    ) -> asyncpg.Record:
+        """An exam in `scope`; with `visible_to` (zone, org) of a student or guest, only a published one of
+        their organisation or a public one of their zone."""
+        condition, arguments = "exam_id = $1", [exam_id]
+        if visible_to is not None:
+            condition += " AND status = 'published' AND (org_id = $2 OR is_public)"
+            arguments.append(visible_to[1])
+        async with tenant_transaction(self._pool, scope) as connection:
+            row = await connection.fetchrow(f"SELECT {_EXAM_COLUMNS} FROM exams WHERE {condition}", *arguments)
+        if row is None:
+            raise NotFound("no such exam")
+        return row
+
+    async def exams(
+        self,
+        scope: TenantScope,
+        filters: Mapping[str, object],
+        *,
+        query: str,
+        visible_to_org: str | None,
+        after: str | None,
+        limit: int,
+    ) -> tuple[list[asyncpg.Record], int]:
+        assert {"status", "exam_type", "is_public"}.issuperset(filters)
+        arguments: list[object] = []
+
+        def bind(value: object) -> str:
+            arguments.append(value)
+            return f"${len(arguments)}"
+
+        conditions = [f"{column} = {bind(value)}" for column, value in filters.items()]
+        if query:
+            conditions.append(f"lower(title) LIKE {bind(f'%{query.lower()}%')}")
+        if visible_to_org is not None:
+            conditions.append(f"status = 'published' AND (org_id = {bind(visible_to_org)} OR is_public)")
+        where = " AND ".join(conditions) or "true"
+        async with tenant_transaction(self._pool, scope) as connection:
+            total = await connection.fetchval(f"SELECT count(*) FROM exams WHERE {where}", *arguments)
+            page_condition = f" AND exam_id > {bind(after)}" if after else ""
+            rows = await connection.fetch(
+                f"SELECT {_EXAM_COLUMNS} FROM exams WHERE {where}{page_condition} ORDER BY exam_id LIMIT {bind(limit)}",
+                *arguments,
+            )
+        return list(rows), int(total)
+
+    async def update_exam(self, scope: TenantScope, exam_id: str, changes: Mapping[str, object]) -> asyncpg.Record:
+        assert EXAM_UPDATABLE.union({"status", "publish_time"}).issuperset(changes)
+        assignments = "".join(f", {column} = ${index}" for index, column in enumerate(changes, start=2))
+        async with tenant_transaction(self._pool, scope) as connection:
+            row = await connection.fetchrow(
+                f"UPDATE exams SET update_time = now(){assignments} WHERE exam_id = $1 RETURNING {_EXAM_COLUMNS}",
+                exam_id,
+                *changes.values(),
+            )
+        if row is None:
+            raise NotFound("no such exam")
+        return row
+
+    async def delete_exam(self, scope: TenantScope, exam_id: str) -> None:
+        async with tenant_transaction(self._pool, scope) as connection:
+            deleted = await connection.execute("DELETE FROM exams WHERE exam_id = $1 AND status = 'draft'", exam_id)
+            if deleted == "DELETE 0":
+                exists = await connection.fetchval("SELECT status FROM exams WHERE exam_id = $1", exam_id)
+                if exists is None:
+                    raise NotFound("no such exam")
+                raise FailedToDelete(exists)
+
+
+class FailedToDelete(Exception):
+    """Only draft exams are deleted; published and archived ones keep their attempts' history."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _json_list(choices: Sequence[res.Choice]) -> str:
+    return "[" + ",".join(_json(choice) for choice in choices) + "]"
+
+
+def exam_columns(exam: res.Exam) -> dict[str, object]:
+    """The stored columns of an exam's authorable fields, in the order of create_exam's insert."""
+    return {
+        "title": exam.title.strip(),
+        "description": exam.description,
+        "exam_type": EXAM_TYPES.get(exam.exam_type, "practice"),
+        "is_public": exam.is_public,
+        "adaptive": _json(exam.adaptive) if exam.HasField("adaptive") else None,
+        "fixed_form": _json(exam.fixed_form) if exam.HasField("fixed_form") else None,
+        "score_scale": _json(exam.score_scale),
+        "time_limit_seconds": exam.time_limit.seconds,
+        "show_estimates": exam.show_estimates,
+        "show_item_feedback": exam.show_item_feedback,
+        "open_time": exam.open_time.ToDatetime(UTC) if exam.HasField("open_time") else None,
+        "close_time": exam.close_time.ToDatetime(UTC) if exam.HasField("close_time") else None,
+        "max_attempts_per_student": exam.max_attempts_per_student,
+    }
+
+
+EXAM_TYPES = {
+    res.EXAM_TYPE_PRACTICE: "practice",
+    res.EXAM_TYPE_DIAGNOSTIC: "diagnostic",
+    res.EXAM_TYPE_MOCK: "mock",
+    res.EXAM_TYPE_PLACEMENT: "placement",
+    res.EXAM_TYPE_ASSESSMENT: "assessment",
+}
+EXAM_TYPE_VALUES = {name: value for value, name in EXAM_TYPES.items()}
+EXAM_STATUSES = {
+    res.EXAM_STATUS_DRAFT: "draft",
+    res.EXAM_STATUS_PUBLISHED: "published",
+    res.EXAM_STATUS_ARCHIVED: "archived",
+}
+EXAM_STATUS_VALUES = {name: value for value, name in EXAM_STATUSES.items()}
+
+
+def item_message(row: asyncpg.Record) -> res.Item:
+    item = res.Item(
+        id=row["item_id"],
+        zone_id=row["zone_id"],
+        org_id=row["org_id"],
+        external_id=row["external_id"],
+        content_area=row["content_area"],
+        item_type=item_rules.ITEM_TYPE_VALUES[row["item_type"]],
+        stem=row["stem"],
+        media_uri=row["media_uri"],
+        explanation=row["explanation"],
+        status=item_rules.ITEM_STATUS_VALUES[row["status"]],
+        tags=row["tags"],
+        language=row["language"],
+        exposure_count=row["exposure_count"],
+        exposure_parameter=row["exposure_parameter"],
+        creator_id=row["creator_id"],
+    )
+    for choice in json_loads(row["choices"]):
+        json_format.ParseDict(choice, item.choices.add())
+    json_format.ParseDict(json_loads(row["answer_key"]), item.answer_key)
+    if row["model"] is not None:
+        item.parameters.CopyFrom(
+            res.ItemParameters(
+                model=item_rules.MODEL_VALUES[row["model"]],
+                a=row["a"],
+                b=row["b"],
+                c=row["c"],
+                version=row["version"],
+                a_standard_error=row["a_standard_error"],
+                b_standard_error=row["b_standard_error"],
+                c_standard_error=row["c_standard_error"],
+                response_count=row["response_count"],
+            )
+        )
+    item.create_time.FromDatetime(row["create_time"])
+    item.update_time.FromDatetime(row["update_time"])
+    return item
+
+
+def exam_message(row: asyncpg.Record, pool_size: int = 0) -> res.Exam:
+    exam = res.Exam(
+        id=row["exam_id"],
+        zone_id=row["zone_id"],
+        org_id=row["org_id"],
+        title=row["title"],
+        description=row["description"],
+        exam_type=EXAM_TYPE_VALUES.get(row["exam_type"], res.EXAM_TYPE_UNSPECIFIED),
+        status=EXAM_STATUS_VALUES[row["status"]],
+        is_public=row["is_public"],
+        show_estimates=row["show_estimates"],
+        show_item_feedback=row["show_item_feedback"],
+        max_attempts_per_student=row["max_attempts_per_student"],
+        pool_size=pool_size,
+        creator_id=row["creator_id"],
+    )
+    if row["adaptive"] is not None:
+        json_format.ParseDict(json_loads(row["adaptive"]), exam.adaptive)
+    if row["fixed_form"] is not None:
+        json_format.ParseDict(json_loads(row["fixed_form"]), exam.fixed_form)
+    json_format.ParseDict(json_loads(row["score_scale"]), exam.score_scale)
+    exam.time_limit.seconds = row["time_limit_seconds"]
+    for field in ("open_time", "close_time", "create_time", "update_time", "publish_time"):
+        if row[field] is not None:
+            getattr(exam, field).FromDatetime(row[field])
+    return exam
+
+
+def json_loads(value: object) -> Any:
+    """asyncpg returns json/jsonb columns as text unless a codec is set."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
