@@ -12,21 +12,27 @@ exams of their organisation and public ones of their zone.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import secrets
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
 from google.protobuf import field_mask_pb2, json_format
+from redis.asyncio import Redis
 
 from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from megacity.exam.v1 import exam_service_pb2 as pb
 from megacity.exam.v1 import exam_service_pb2_grpc
 from megacity.exam.v1 import resources_pb2 as res
-from services.exam import exams, items
+from services.exam import bank as bank_module
+from services.exam import cat, exams, items
 from services.exam.access import may_read_student_results
+from services.exam.bank import LoadedBank
 from services.exam.store import (
     EXAM_STATUSES,
     EXAM_TYPES,
+    Answer,
+    AttemptStore,
     ExamStore,
     FailedToDelete,
     Owner,
@@ -41,6 +47,7 @@ from services.runtime.channels import ChannelFactory
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
 from services.runtime.errors import (
+    Aborted,
     ErrorReason,
     FailedPrecondition,
     InvalidArgument,
@@ -84,10 +91,60 @@ def _required(value: str, field: str) -> None:
         raise InvalidArgument(f"{field} is required", [(field, "required")])
 
 
+SCORING_STREAM = "exam_scoring"
+ATTEMPT_STATUS_VALUES = {
+    "in_progress": res.ATTEMPT_STATUS_IN_PROGRESS,
+    "finished": res.ATTEMPT_STATUS_FINISHED,
+    "expired": res.ATTEMPT_STATUS_EXPIRED,
+    "abandoned": res.ATTEMPT_STATUS_ABANDONED,
+}
+STOP_REASONS = {
+    cat.StopReason.SE_TARGET: "standard_error_target",
+    cat.StopReason.MAX_ITEMS: "max_items",
+    cat.StopReason.TIME_LIMIT: "time_limit",
+    cat.StopReason.POOL_EXHAUSTED: "pool_exhausted",
+}
+STOP_REASON_VALUES = {
+    "standard_error_target": res.STOP_REASON_STANDARD_ERROR_TARGET,
+    "max_items": res.STOP_REASON_MAX_ITEMS,
+    "time_limit": res.STOP_REASON_TIME_LIMIT,
+    "pool_exhausted": res.STOP_REASON_POOL_EXHAUSTED,
+}
+
+
+def _open_now(exam: res.Exam) -> bool:
+    now = datetime.now(UTC)
+    opens = exam.open_time.ToDatetime(UTC) if exam.HasField("open_time") else None
+    closes = exam.close_time.ToDatetime(UTC) if exam.HasField("close_time") else None
+    return (opens is None or opens <= now) and (closes is None or now < closes)
+
+
+def _rebuilt(attempt: asyncpg.Record, answers: list[Answer], bank: LoadedBank) -> cat.CatState:
+    """The CAT state waiting for the next answer, from what PostgreSQL holds (Redis lost it, or never had it)."""
+    return cat.CatState(
+        administered=tuple(bank.index[answer.item_id] for answer in answers),
+        responses=tuple(int(answer.correct) for answer in answers),
+        theta=attempt["theta"] if attempt["theta"] is not None else 0.0,
+        se=attempt["standard_error"] if attempt["standard_error"] is not None else 1.0,
+        set_aside=tuple(bank.index[item] for item in attempt["set_aside"] if item in bank.index),
+    )
+
+
 class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
-    def __init__(self, channels: ChannelFactory, store: ExamStore, auditor: Auditor) -> None:
+    def __init__(
+        self,
+        channels: ChannelFactory,
+        store: ExamStore,
+        attempts: AttemptStore,
+        auditor: Auditor,
+        redis: Redis,
+    ) -> None:
         self._channels = channels
         self._store = store
+        self._attempts = attempts
+        self._banks = bank_module.BankCache(attempts)
+        self._states = bank_module.CatStates(redis)
+        self._redis = redis
         self._audit = auditor
 
     # --- items -----------------------------------------------------------------------------------------------------
@@ -341,6 +398,247 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         await self._audit.record("delete", "success", resource_type="exam", resource_id=request.exam_id)
         return pb.DeleteExamResponse()
 
+    # --- attempts --------------------------------------------------------------------------------------------------
+
+    def _served(
+        self, bank: LoadedBank, item_id: str | None, position: int, serve_time: datetime | None
+    ) -> res.ServedItem | None:
+        if item_id is None:
+            return None
+        row = bank.rows[bank.index[item_id]]
+        served = res.ServedItem(
+            item_id=row.item_id,
+            position=position,
+            item_type=items.ITEM_TYPE_VALUES[row.item_type],
+            stem=row.stem,
+            media_uri=row.media_uri,
+        )
+        for choice in row.choices:
+            json_format.ParseDict(choice, served.choices.add())
+        if serve_time is not None:
+            served.serve_time.FromDatetime(serve_time)
+        return served
+
+    def _attempt_message(
+        self, attempt: asyncpg.Record, bank: LoadedBank, show: bool, answers: list[Answer] | None = None
+    ) -> res.Attempt:
+        message = res.Attempt(
+            id=attempt["attempt_id"],
+            exam_id=attempt["exam_id"],
+            exam_title=attempt["exam_title"],
+            zone_id=attempt["zone_id"],
+            org_id=attempt["org_id"],
+            student_id=attempt["student_id"],
+            status=ATTEMPT_STATUS_VALUES[attempt["status"]],
+            items_answered=attempt["current_position"] - 1,
+            stop_reason=STOP_REASON_VALUES.get(attempt["stop_reason"], res.STOP_REASON_UNSPECIFIED),
+            parameter_version=attempt["parameter_version"],
+        )
+        served = self._served(
+            bank, attempt["current_item_id"], attempt["current_position"], attempt["current_serve_time"]
+        )
+        if served is not None:
+            message.current_item.CopyFrom(served)
+        if show and attempt["theta"] is not None:
+            message.theta = attempt["theta"]
+            message.standard_error = attempt["standard_error"]
+        for field in ("start_time", "deadline_time", "finish_time"):
+            if attempt[field] is not None:
+                getattr(message, field).FromDatetime(attempt[field])
+        for answer in answers or ():
+            message.responses.add(
+                item_id=answer.item_id,
+                position=answer.position,
+                content_area=answer.content_area,
+                response=answer.response,
+                correct=answer.correct,
+                theta=answer.theta if show else 0.0,
+                standard_error=answer.standard_error if show else 0.0,
+            )
+        return message
+
+    async def StartAttempt(
+        self, request: pb.StartAttemptRequest, context: UnaryContext[pb.StartAttemptRequest, pb.StartAttemptResponse]
+    ) -> pb.StartAttemptResponse:
+        person = _person()
+        exam_row = await self._readable_exam(person, request.exam_id)
+        exam = exam_message(exam_row)
+        if exam.status != res.EXAM_STATUS_PUBLISHED or not _open_now(exam):
+            raise FailedPrecondition("the exam is not open", reason=ErrorReason.ERROR_REASON_EXAM_NOT_OPEN)
+        if not exam.HasField("adaptive"):
+            raise NotImplementedError("fixed-form exams")
+        scope = TenantScope.org(exam.zone_id, exam.org_id)
+        existing = await self._attempts.open_attempt(scope, exam.id, person.user_id)
+        version = existing["parameter_version"] if existing else await self._attempts.active_version(scope, exam.org_id)
+        if version is None:
+            raise FailedPrecondition("the exam has no item bank", reason=ErrorReason.ERROR_REASON_ITEM_POOL_EXHAUSTED)
+        bank = await self._banks.get(scope, exam.org_id, version)
+        if existing is not None:
+            return pb.StartAttemptResponse(
+                attempt=self._attempt_message(existing, bank, exam.show_estimates), resumed=True
+            )
+        if exam.max_attempts_per_student and (
+            await self._attempts.attempts_count(scope, exam.id, person.user_id) >= exam.max_attempts_per_student
+        ):
+            raise FailedPrecondition(
+                "no attempts left for this exam",
+                reason=ErrorReason.ERROR_REASON_EXAM_NOT_OPEN,
+                metadata={"max_attempts_per_student": str(exam.max_attempts_per_student)},
+            )
+        config = bank_module.adaptive_config(exam.adaptive)
+        seed = secrets.randbits(62)
+        step = cat.next_step(
+            bank.engine,
+            config,
+            cat.CatState.start(config),
+            bank_module.rng_for(seed, 1),
+            eligible=bank.eligible(exam.adaptive),
+            exposure_k=bank.exposure_k,
+        )
+        if step.item is None:
+            raise FailedPrecondition(
+                "the exam's item pool is empty", reason=ErrorReason.ERROR_REASON_ITEM_POOL_EXHAUSTED
+            )
+        deadline = datetime.now(UTC) + timedelta(seconds=exam.time_limit.seconds) if exam.time_limit.seconds else None
+        attempt = await self._attempts.create_attempt(
+            exam_row, person.user_id, version, seed, bank.engine.ids[step.item], deadline
+        )
+        await self._states.save(attempt["attempt_id"], 1, step.state, bank)
+        await self._audit.record("start", "success", resource_type="attempt", resource_id=attempt["attempt_id"])
+        return pb.StartAttemptResponse(attempt=self._attempt_message(attempt, bank, exam.show_estimates))
+
+    async def _attempt_and_bank(
+        self, person: AccessClaims, attempt_id: str
+    ) -> tuple[asyncpg.Record, LoadedBank, res.Exam]:
+        _required(attempt_id, "attempt_id")
+        scope = TenantScope.platform() if person.role == "super_admin" else TenantScope.zone(person.zone_id)
+        attempt = await self._attempts.attempt(scope, attempt_id)
+        exam = exam_message(await self._store.exam(scope, attempt["exam_id"]))
+        bank = await self._banks.get(scope, attempt["org_id"], attempt["parameter_version"])
+        return attempt, bank, exam
+
+    async def SubmitAnswer(
+        self, request: pb.SubmitAnswerRequest, context: UnaryContext[pb.SubmitAnswerRequest, pb.SubmitAnswerResponse]
+    ) -> pb.SubmitAnswerResponse:
+        person = _person()
+        _required(request.item_id, "item_id")
+        attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
+        if attempt["student_id"] != person.user_id:
+            raise PermissionDenied("only the attempt's student answers", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE)
+        scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
+        for _ in range(2):  # a concurrent submit of the same answer makes this one a retry
+            if request.item_id != attempt["current_item_id"]:
+                return await self._replayed(scope, attempt, bank, exam, request.item_id)
+            if attempt["deadline_time"] is not None and attempt["deadline_time"] <= datetime.now(UTC):
+                raise FailedPrecondition("the attempt's time is up", reason=ErrorReason.ERROR_REASON_ATTEMPT_CLOSED)
+            position = attempt["current_position"]
+            state = await self._states.load(attempt["attempt_id"], position, bank)
+            if state is None:
+                state = _rebuilt(attempt, await self._attempts.answers(scope, attempt["attempt_id"]), bank)
+            row = bank.rows[bank.index[request.item_id]]
+            answer_key = res.AnswerKey()
+            json_format.ParseDict(row.answer_key, answer_key)
+            correct = items.is_correct(row.item_type, answer_key, [c["id"] for c in row.choices], request.response)
+            config = bank_module.adaptive_config(exam.adaptive)
+            elapsed = (datetime.now(UTC) - attempt["start_time"]).total_seconds()
+            step = cat.next_step(
+                bank.engine,
+                config,
+                state.answered(bank.index[request.item_id], correct),
+                bank_module.rng_for(attempt["seed"], position + 1),
+                eligible=bank.eligible(exam.adaptive),
+                exposure_k=bank.exposure_k,
+                elapsed_seconds=elapsed,
+                time_limit_seconds=float(exam.time_limit.seconds),
+            )
+            next_item = None if step.item is None else bank.engine.ids[step.item]
+            answer = Answer(
+                position=position,
+                item_id=request.item_id,
+                content_area=row.content_area,
+                response=request.response[:10_000],
+                correct=correct,
+                theta=step.state.theta,
+                standard_error=step.state.se,
+            )
+            stop = "" if step.stop_reason is None else STOP_REASONS[step.stop_reason]
+            set_aside = [bank.engine.ids[item] for item in step.state.set_aside]
+            if await self._attempts.record_answer(
+                attempt, answer, next_item=next_item, set_aside=set_aside, stop_reason=stop
+            ):
+                await self._states.save(attempt["attempt_id"], position + 1, step.state, bank)
+                if next_item is None:
+                    await self._finished(attempt)
+                attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
+                return self._submit_reply(attempt, bank, exam, correct)
+            attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
+        raise Aborted(
+            "the attempt changed while answering: retry", reason=ErrorReason.ERROR_REASON_CONCURRENT_MODIFICATION
+        )
+
+    async def _replayed(
+        self, scope: TenantScope, attempt: asyncpg.Record, bank: LoadedBank, exam: res.Exam, item_id: str
+    ) -> pb.SubmitAnswerResponse:
+        """A retry of an answer already stored gets the same reply; any other item was never served now."""
+        answers = await self._attempts.answers(scope, attempt["attempt_id"])
+        if any(answer.item_id == item_id for answer in answers):
+            stored = next(answer for answer in answers if answer.item_id == item_id)
+            return self._submit_reply(attempt, bank, exam, stored.correct)
+        if attempt["status"] != "in_progress":
+            raise FailedPrecondition("the attempt is over", reason=ErrorReason.ERROR_REASON_ATTEMPT_CLOSED)
+        raise FailedPrecondition(
+            "this is not the item the attempt is waiting for",
+            reason=ErrorReason.ERROR_REASON_ITEM_NOT_SERVED,
+            metadata={"expected_item_id": attempt["current_item_id"] or ""},
+        )
+
+    def _submit_reply(
+        self, attempt: asyncpg.Record, bank: LoadedBank, exam: res.Exam, correct: bool
+    ) -> pb.SubmitAnswerResponse:
+        reply = pb.SubmitAnswerResponse(
+            attempt_id=attempt["attempt_id"],
+            finished=attempt["status"] == "finished",
+            items_answered=attempt["current_position"] - 1,
+            stop_reason=STOP_REASON_VALUES.get(attempt["stop_reason"], res.STOP_REASON_UNSPECIFIED),
+        )
+        served = self._served(
+            bank, attempt["current_item_id"], attempt["current_position"], attempt["current_serve_time"]
+        )
+        if served is not None:
+            reply.next_item.CopyFrom(served)
+        if exam.show_estimates and attempt["theta"] is not None:
+            reply.theta = attempt["theta"]
+            reply.standard_error = attempt["standard_error"]
+        if exam.show_item_feedback:
+            reply.correct = correct
+        if attempt["deadline_time"] is not None:
+            reply.deadline_time.FromDatetime(attempt["deadline_time"])
+        return reply
+
+    async def _finished(self, attempt: asyncpg.Record) -> None:
+        """Hands a finished attempt to scoring (the exam_scoring stream)."""
+        await self._redis.xadd(SCORING_STREAM, {"attempt_id": attempt["attempt_id"], "org_id": attempt["org_id"]})
+        await self._audit.record("finish", "success", resource_type="attempt", resource_id=attempt["attempt_id"])
+
+    async def GetAttempt(
+        self, request: pb.GetAttemptRequest, context: UnaryContext[pb.GetAttemptRequest, pb.GetAttemptResponse]
+    ) -> pb.GetAttemptResponse:
+        person = _person()
+        attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
+        if attempt["student_id"] != person.user_id:
+            await self._check_may_read_student(attempt["student_id"])
+            if person.role in ("teacher", "org_admin") and person.org_id != attempt["org_id"]:
+                raise PermissionDenied(
+                    "this attempt is outside your organisation", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE
+                )
+        answers = await self._attempts.answers(
+            TenantScope.org(attempt["zone_id"], attempt["org_id"]), attempt["attempt_id"]
+        )
+        staff = person.role not in LEARNERS
+        return pb.GetAttemptResponse(
+            attempt=self._attempt_message(attempt, bank, exam.show_estimates or staff, answers)
+        )
+
     async def _check_may_read_student(self, student_id: str) -> None:
         """Refuses a person who may not read this student's results; services (no person) are the catalog's."""
         reader = current_principal()
@@ -376,5 +674,9 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
 def servicers(deps: Dependencies) -> list[ServicerBinding]:
     if deps.database is None:
         raise RuntimeError("the exam service needs PostgreSQL (MEGACITY_DATABASE_URL)")
-    servicer = ExamServicer(deps.channels, ExamStore(deps.database), deps.audit)
+    if deps.redis is None:
+        raise RuntimeError("the exam service needs Redis (MEGACITY_REDIS_URL)")
+    servicer = ExamServicer(
+        deps.channels, ExamStore(deps.database), AttemptStore(deps.database), deps.audit, deps.redis
+    )
     return [ServicerBinding(exam_service_pb2_grpc.add_ExamServiceServicer_to_server, servicer)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -457,3 +457,204 @@ def exam_message(row: asyncpg.Record, pool_size: int = 0) -> res.Exam:
 def json_loads(value: object) -> Any:
     """asyncpg returns json/jsonb columns as text unless a codec is set."""
     return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+_ATTEMPT_COLUMNS = """
+    a.attempt_id, a.zone_id, a.org_id, a.exam_id, a.student_id, a.status, a.parameter_version, a.current_item_id,
+    a.current_position, a.current_serve_time, a.theta, a.standard_error, a.stop_reason, a.seed, a.set_aside,
+    a.start_time, a.deadline_time, a.finish_time, e.title AS exam_title
+"""
+
+
+@dataclass(frozen=True)
+class BankRow:
+    """One item of a parameter version, with what scoring and serving it need."""
+
+    item_id: str
+    content_area: str
+    item_type: str
+    stem: str
+    choices: Any
+    answer_key: Any
+    media_uri: str
+    status: str
+    exposure_parameter: float
+    a: float
+    b: float
+    c: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A stored response and the attempt's state after it."""
+
+    position: int
+    item_id: str
+    content_area: str
+    response: str
+    correct: bool
+    theta: float
+    standard_error: float
+
+
+class AttemptStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def bank(self, scope: TenantScope, org_id: str, version: int) -> list[BankRow]:
+        """Every item with parameters in `version` (retired ones too: attempts that saw them still need them)."""
+        async with tenant_transaction(self._pool, scope) as connection:
+            rows = await connection.fetch(
+                "SELECT i.item_id, i.content_area, i.item_type, i.stem, i.choices, i.answer_key, i.media_uri, "
+                "i.status, i.exposure_parameter, p.a, p.b, p.c FROM items i JOIN item_parameters p "
+                "ON p.item_id = i.item_id AND p.version = $2 WHERE i.org_id = $1 ORDER BY i.item_id",
+                org_id,
+                version,
+            )
+        return [
+            BankRow(
+                item_id=row["item_id"],
+                content_area=row["content_area"],
+                item_type=row["item_type"],
+                stem=row["stem"],
+                choices=json_loads(row["choices"]),
+                answer_key=json_loads(row["answer_key"]),
+                media_uri=row["media_uri"],
+                status=row["status"],
+                exposure_parameter=row["exposure_parameter"],
+                a=row["a"],
+                b=row["b"],
+                c=row["c"],
+            )
+            for row in rows
+        ]
+
+    async def active_version(self, scope: TenantScope, org_id: str) -> int | None:
+        async with tenant_transaction(self._pool, scope) as connection:
+            version = await connection.fetchval(
+                "SELECT version FROM parameter_versions WHERE org_id = $1 AND active", org_id
+            )
+        return None if version is None else int(version)
+
+    async def open_attempt(self, scope: TenantScope, exam_id: str, student_id: str) -> asyncpg.Record | None:
+        async with tenant_transaction(self._pool, scope) as connection:
+            return await connection.fetchrow(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts a JOIN exams e USING (exam_id) "
+                "WHERE a.exam_id = $1 AND a.student_id = $2 AND a.status = 'in_progress'",
+                exam_id,
+                student_id,
+            )
+
+    async def attempts_count(self, scope: TenantScope, exam_id: str, student_id: str) -> int:
+        async with tenant_transaction(self._pool, scope) as connection:
+            return int(
+                await connection.fetchval(
+                    "SELECT count(*) FROM attempts WHERE exam_id = $1 AND student_id = $2", exam_id, student_id
+                )
+            )
+
+    async def create_attempt(
+        self,
+        exam: asyncpg.Record,
+        student_id: str,
+        version: int,
+        seed: int,
+        first_item: str | None,
+        deadline: datetime | None,
+    ) -> asyncpg.Record:
+        # The attempt belongs to the exam's organisation and zone (a public exam's attempts are its org's data).
+        scope = TenantScope.org(exam["zone_id"], exam["org_id"])
+        async with tenant_transaction(self._pool, scope) as connection:
+            attempt_id = uuid.uuid4().hex
+            await connection.execute(
+                "INSERT INTO attempts (attempt_id, zone_id, org_id, exam_id, student_id, parameter_version, "
+                "current_item_id, current_serve_time, seed, deadline_time) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9)",
+                attempt_id,
+                exam["zone_id"],
+                exam["org_id"],
+                exam["exam_id"],
+                student_id,
+                version,
+                first_item,
+                seed,
+                deadline,
+            )
+            row = await connection.fetchrow(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts a JOIN exams e USING (exam_id) WHERE a.attempt_id = $1",
+                attempt_id,
+            )
+        assert row is not None
+        return row
+
+    async def attempt(self, scope: TenantScope, attempt_id: str) -> asyncpg.Record:
+        async with tenant_transaction(self._pool, scope) as connection:
+            row = await connection.fetchrow(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts a JOIN exams e USING (exam_id) WHERE a.attempt_id = $1",
+                attempt_id,
+            )
+        if row is None:
+            raise NotFound("no such attempt")
+        return row
+
+    async def answers(self, scope: TenantScope, attempt_id: str) -> list[Answer]:
+        async with tenant_transaction(self._pool, scope) as connection:
+            rows = await connection.fetch(
+                "SELECT position, item_id, content_area, response, correct, theta, standard_error "
+                "FROM attempt_responses WHERE attempt_id = $1 ORDER BY position",
+                attempt_id,
+            )
+        return [Answer(**dict(row)) for row in rows]
+
+    async def record_answer(
+        self,
+        attempt: asyncpg.Record,
+        answer: Answer,
+        *,
+        next_item: str | None,
+        set_aside: Sequence[str],
+        stop_reason: str,
+    ) -> bool:
+        """Stores the answer and moves the attempt on, atomically and only if the attempt still waits for this item
+        at this position; False when another submit got there first."""
+        scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
+        async with tenant_transaction(self._pool, scope) as connection:
+            moved = await connection.execute(
+                "UPDATE attempts SET current_item_id = $3, current_position = current_position + 1, "
+                "current_serve_time = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, theta = $4, "
+                "standard_error = $5, set_aside = $6, stop_reason = $7, "
+                "status = CASE WHEN $3::text IS NULL THEN 'finished' ELSE status END, "
+                "finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END "
+                "WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress'",
+                attempt["attempt_id"],
+                answer.item_id,
+                next_item,
+                answer.theta,
+                answer.standard_error,
+                list(set_aside),
+                stop_reason,
+                answer.position,
+            )
+            if moved != "UPDATE 1":
+                return False
+            await connection.execute(
+                "INSERT INTO attempt_responses (attempt_id, position, item_id, zone_id, org_id, content_area, "
+                "response, correct, theta, standard_error, response_time_ms) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
+                "(extract(epoch FROM now() - $11::timestamptz) * 1000)::integer)",
+                attempt["attempt_id"],
+                answer.position,
+                answer.item_id,
+                attempt["zone_id"],
+                attempt["org_id"],
+                answer.content_area,
+                answer.response,
+                answer.correct,
+                answer.theta,
+                answer.standard_error,
+                attempt["current_serve_time"],
+            )
+            await connection.execute(
+                "UPDATE items SET exposure_count = exposure_count + 1 WHERE item_id = $1", answer.item_id
+            )
+        return True

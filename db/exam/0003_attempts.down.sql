@@ -1,0 +1,2 @@
+DROP TABLE attempt_responses;
+DROP TABLE attempts;

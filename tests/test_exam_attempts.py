@@ -1,0 +1,157 @@
+"""The whole attempt flow through gRPC: start, answer item by item, idempotent retries, the wrong-item refusal,
+losing the CAT state in Redis, an exam service restart mid-attempt, and who may read an attempt."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from megacity.exam.v1 import exam_service_pb2 as pb
+from megacity.exam.v1 import exam_service_pb2_grpc
+from megacity.exam.v1 import resources_pb2 as res
+from megacity.tenant.v1 import resources_pb2 as tenant_resources
+from megacity.tenant.v1 import tenant_service_pb2 as tenant_pb
+from ops.embedded import EmbeddedRedis
+from services.exam.bank import state_key
+from tests.support.accounts import Caller, People, reason
+from tests.support.mesh import channel_as, make_config, mesh_catalog, running
+
+ITEMS = "\n".join(
+    [
+        "external_id,content_area,item_type,stem,choices,answer,model,a,b,c,status",
+        *(
+            f"q{n},{('algebra', 'geometry', 'reading')[n % 3]},single_choice,Question {n},A=right|B=wrong,A,3PL,"
+            f"{1.0 + (n % 5) / 5},{(n % 13) / 2 - 3},0.15,active"
+            for n in range(60)
+        ),
+    ]
+)
+
+
+@asynccontextmanager
+async def _exam_service(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> AsyncIterator[exam_service_pb2_grpc.ExamServiceStub]:
+    config = make_config(
+        mesh_catalog(), "exam", people.pki_dir, database_url=identity_database["exam"], redis_url=redis.url
+    )
+    async with running(config) as service, channel_as("edge", service, people.pki_dir) as channel:
+        yield exam_service_pb2_grpc.ExamServiceStub(channel)
+
+
+async def _published_exam(people: People, exam: exam_service_pb2_grpc.ExamServiceStub) -> tuple[str, str, Caller]:
+    zone_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    org = (
+        await people.tenant.CreateOrganization(
+            tenant_pb.CreateOrganizationRequest(organization=tenant_resources.Organization(name="Academy")),
+            metadata=zone_admin.metadata(),
+        )
+    ).organization
+    teacher = await people.as_new_user("univ", org.id, "teacher")
+    await exam.ImportItems(
+        pb.ImportItemsRequest(format=pb.IMPORT_FORMAT_CSV, content=ITEMS), metadata=teacher.metadata()
+    )
+    config = res.AdaptiveConfig(min_items=5, max_items=8, standard_error_target=0.2)
+    created = await exam.CreateExam(
+        pb.CreateExamRequest(
+            exam=res.Exam(title="Mock", adaptive=config, show_estimates=True, show_item_feedback=True)
+        ),
+        metadata=teacher.metadata(),
+    )
+    await exam.PublishExam(pb.PublishExamRequest(exam_id=created.exam.id), metadata=teacher.metadata())
+    return org.id, created.exam.id, teacher
+
+
+async def test_an_attempt_survives_retries_state_loss_and_a_restart(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> None:
+    async with _exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await _published_exam(people, exam)
+        student = await people.as_new_user("univ", org_id, "student")
+        started = (
+            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+        ).attempt
+        assert started.status == res.ATTEMPT_STATUS_IN_PROGRESS
+        assert started.current_item.position == 1
+        assert [c.id for c in started.current_item.choices] == ["A", "B"]
+        resumed = await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+        assert (resumed.resumed, resumed.attempt.id) == (True, started.id)
+
+        item = started.current_item.item_id
+        first = await exam.SubmitAnswer(
+            pb.SubmitAnswerRequest(attempt_id=started.id, item_id=item, response="A"), metadata=student.metadata()
+        )
+        assert (first.correct, first.items_answered, first.finished) == (True, 1, False)
+        assert first.HasField("theta")
+        # A retry of the same answer gets the same reply and stores nothing new.
+        retry = await exam.SubmitAnswer(
+            pb.SubmitAnswerRequest(attempt_id=started.id, item_id=item, response="A"), metadata=student.metadata()
+        )
+        assert (retry.next_item.item_id, retry.items_answered) == (first.next_item.item_id, 1)
+        # An answer to an item that is not the one served is refused.
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=started.id, item_id="q-unknown", response="A"),
+                metadata=student.metadata(),
+            )
+        assert (wrong.value.code(), reason(wrong.value)) == (grpc.StatusCode.FAILED_PRECONDITION, "ITEM_NOT_SERVED")
+        # Only the attempt's student answers.
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=started.id, item_id=first.next_item.item_id, response="A"),
+                metadata=(await people.as_new_user("univ", org_id, "student")).metadata(),
+            )
+        assert other.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        # Redis loses the CAT state: the next answer rebuilds it from PostgreSQL.
+        client = Redis.from_url(redis.url)
+        try:
+            assert await client.delete(state_key(started.id)) == 1
+        finally:
+            await client.aclose()
+        second = await exam.SubmitAnswer(
+            pb.SubmitAnswerRequest(attempt_id=started.id, item_id=first.next_item.item_id, response="B"),
+            metadata=student.metadata(),
+        )
+        assert (second.correct, second.items_answered) == (False, 2)
+        next_item = second.next_item.item_id
+
+    # The exam service restarts mid-attempt: nothing answered is lost, the attempt goes on.
+    async with _exam_service(people, identity_database, redis) as exam:
+        reply = second
+        answered = 2
+        while not reply.finished:
+            reply = await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=started.id, item_id=next_item, response="A"),
+                metadata=student.metadata(),
+            )
+            answered += 1
+            next_item = reply.next_item.item_id
+        assert 5 <= answered <= 8
+        assert reply.stop_reason in (res.STOP_REASON_STANDARD_ERROR_TARGET, res.STOP_REASON_MAX_ITEMS)
+        attempt = (
+            await exam.GetAttempt(pb.GetAttemptRequest(attempt_id=started.id), metadata=student.metadata())
+        ).attempt
+        assert attempt.status == res.ATTEMPT_STATUS_FINISHED
+        assert [r.position for r in attempt.responses] == list(range(1, answered + 1))
+        assert len({r.item_id for r in attempt.responses}) == answered
+        assert [r.correct for r in attempt.responses][:2] == [True, False]
+        # Teachers of the org read it; a student of another org does not.
+        seen = await exam.GetAttempt(pb.GetAttemptRequest(attempt_id=started.id), metadata=teacher.metadata())
+        assert seen.attempt.items_answered == answered
+        with pytest.raises(grpc.aio.AioRpcError) as stranger:
+            await exam.GetAttempt(
+                pb.GetAttemptRequest(attempt_id=started.id),
+                metadata=(await people.as_new_user("univ", "univ-public", "student")).metadata(),
+            )
+        assert stranger.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
+    # The finished attempt waits for scoring on the exam_scoring stream.
+    client = Redis.from_url(redis.url, decode_responses=True)
+    try:
+        entries = await client.xrange("exam_scoring") or []
+    finally:
+        await client.aclose()
+    assert any(fields and fields.get("attempt_id") == started.id for _, fields in entries)
