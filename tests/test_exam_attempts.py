@@ -155,3 +155,32 @@ async def test_an_attempt_survives_retries_state_loss_and_a_restart(
     finally:
         await client.aclose()
     assert any(fields and fields.get("attempt_id") == started.id for _, fields in entries)
+
+
+async def test_a_student_finishes_early_once(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> None:
+    async with _exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, _ = await _published_exam(people, exam)
+        student = await people.as_new_user("univ", org_id, "student")
+        started = (
+            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+        ).attempt
+        await exam.SubmitAnswer(
+            pb.SubmitAnswerRequest(attempt_id=started.id, item_id=started.current_item.item_id, response="A"),
+            metadata=student.metadata(),
+        )
+        for _ in range(2):  # finishing twice is a no-op
+            finished = (
+                await exam.FinishAttempt(pb.FinishAttemptRequest(attempt_id=started.id), metadata=student.metadata())
+            ).attempt
+            assert (finished.status, finished.stop_reason) == (
+                res.ATTEMPT_STATUS_FINISHED,
+                res.STOP_REASON_STUDENT_FINISHED,
+            )
+            assert not finished.HasField("current_item")
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=started.id, item_id="q1", response="A"), metadata=student.metadata()
+            )
+        assert reason(closed.value) == "ATTEMPT_CLOSED"

@@ -109,6 +109,7 @@ STOP_REASON_VALUES = {
     "max_items": res.STOP_REASON_MAX_ITEMS,
     "time_limit": res.STOP_REASON_TIME_LIMIT,
     "pool_exhausted": res.STOP_REASON_POOL_EXHAUSTED,
+    "student_finished": res.STOP_REASON_STUDENT_FINISHED,
 }
 
 
@@ -619,6 +620,21 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         """Hands a finished attempt to scoring (the exam_scoring stream)."""
         await self._redis.xadd(SCORING_STREAM, {"attempt_id": attempt["attempt_id"], "org_id": attempt["org_id"]})
         await self._audit.record("finish", "success", resource_type="attempt", resource_id=attempt["attempt_id"])
+
+    async def FinishAttempt(
+        self, request: pb.FinishAttemptRequest, context: UnaryContext[pb.FinishAttemptRequest, pb.FinishAttemptResponse]
+    ) -> pb.FinishAttemptResponse:
+        person = _person()
+        attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
+        if attempt["student_id"] != person.user_id:
+            raise PermissionDenied(
+                "only the attempt's student finishes it", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE
+            )
+        if await self._attempts.finish_attempt(attempt, "student_finished"):
+            await self._finished(attempt)
+        scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
+        attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
+        return pb.FinishAttemptResponse(attempt=self._attempt_message(attempt, bank, exam.show_estimates))
 
     async def GetAttempt(
         self, request: pb.GetAttemptRequest, context: UnaryContext[pb.GetAttemptRequest, pb.GetAttemptResponse]

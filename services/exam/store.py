@@ -658,3 +658,15 @@ class AttemptStore:
                 "UPDATE items SET exposure_count = exposure_count + 1 WHERE item_id = $1", answer.item_id
             )
         return True
+
+    async def finish_attempt(self, attempt: asyncpg.Record, stop_reason: str) -> bool:
+        """Ends an attempt in progress (the student stops early); False when it had ended already."""
+        scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
+        async with tenant_transaction(self._pool, scope) as connection:
+            ended = await connection.execute(
+                "UPDATE attempts SET status = 'finished', current_item_id = NULL, current_serve_time = NULL, "
+                "finish_time = now(), stop_reason = $2 WHERE attempt_id = $1 AND status = 'in_progress'",
+                attempt["attempt_id"],
+                stop_reason,
+            )
+        return ended == "UPDATE 1"
