@@ -3,8 +3,10 @@ losing the CAT state in Redis, an exam service restart mid-attempt, and who may 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +19,9 @@ from megacity.tenant.v1 import resources_pb2 as tenant_resources
 from megacity.tenant.v1 import tenant_service_pb2 as tenant_pb
 from ops.embedded import EmbeddedRedis
 from services.exam.bank import state_key
+from services.exam.store import AttemptStore
+from services.exam.worker import DEAD_LETTER, GROUP, STREAM, ScoringWorker
+from services.runtime.database import create_pool
 from tests.support.accounts import Caller, People, reason
 from tests.support.mesh import channel_as, make_config, mesh_catalog, running
 
@@ -184,3 +189,62 @@ async def test_a_student_finishes_early_once(
                 pb.SubmitAnswerRequest(attempt_id=started.id, item_id="q1", response="A"), metadata=student.metadata()
             )
         assert reason(closed.value) == "ATTEMPT_CLOSED"
+
+
+async def test_a_finished_attempt_is_scored_and_reported(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> None:
+    async with _exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await _published_exam(people, exam)
+        student = await people.as_new_user("univ", org_id, "student")
+        started = (
+            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+        ).attempt
+        item, answered = started.current_item.item_id, 0
+        while item:
+            reply = await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=started.id, item_id=item, response="A" if answered % 2 else "B"),
+                metadata=student.metadata(),
+            )
+            answered += 1
+            item = reply.next_item.item_id
+        report = None
+        for _ in range(100):  # the scoring worker runs beside the RPCs
+            report = (
+                await exam.GetAttemptReport(
+                    pb.GetAttemptReportRequest(attempt_id=started.id), metadata=student.metadata()
+                )
+            ).report
+            if report.status == res.REPORT_STATUS_READY:
+                break
+            await asyncio.sleep(0.1)
+        assert report is not None
+        assert report.status == res.REPORT_STATUS_READY
+        assert (report.items_answered, report.items_correct) == (answered, answered // 2)
+        assert 200 <= report.scaled_score <= 800
+        assert report.percentile == 50.0  # the exam's only finished attempt
+        assert sum(area.items_answered for area in report.content_areas) == answered
+        listed = await exam.ListStudentReports(
+            pb.ListStudentReportsRequest(student_id=started.student_id), metadata=teacher.metadata()
+        )
+        assert [r.attempt_id for r in listed.reports] == [started.id]
+
+
+async def test_an_attempt_that_cannot_be_scored_ends_in_the_dead_letter_stream(
+    identity_database: dict[str, str], redis: EmbeddedRedis
+) -> None:
+    pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
+    client = Redis.from_url(redis.url, decode_responses=True)
+    try:
+        worker = ScoringWorker(client, AttemptStore(pool), "test", reclaim_idle_ms=0, max_deliveries=3)
+        await worker.ensure_group()
+        await client.xadd(STREAM, {"attempt_id": "no-such-attempt"})
+        for _ in range(5):
+            await worker.process(block_ms=10)
+        dead = await client.xrange(DEAD_LETTER) or []
+        assert any(fields and fields.get("attempt_id") == "no-such-attempt" for _, fields in dead)
+        pending: Any = await client.xpending(STREAM, GROUP)
+        assert pending["pending"] == 0
+    finally:
+        await client.aclose()
+        await pool.close()

@@ -12,7 +12,9 @@ exams of their organisation and public ones of their zone.
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -40,6 +42,7 @@ from services.exam.store import (
     exam_message,
     json_loads,
 )
+from services.exam.worker import ScoringWorker
 from services.runtime import paging
 from services.runtime.audit import Auditor
 from services.runtime.callcontext import current_principal
@@ -111,6 +114,37 @@ STOP_REASON_VALUES = {
     "pool_exhausted": res.STOP_REASON_POOL_EXHAUSTED,
     "student_finished": res.STOP_REASON_STUDENT_FINISHED,
 }
+
+
+def _report_message(row: asyncpg.Record) -> res.Report:
+    report = res.Report(
+        attempt_id=row["attempt_id"],
+        exam_id=row["exam_id"],
+        exam_title=row["exam_title"],
+        zone_id=row["zone_id"],
+        org_id=row["org_id"],
+        student_id=row["student_id"],
+        status=res.REPORT_STATUS_READY,
+        theta=row["theta"],
+        standard_error=row["standard_error"],
+        scaled_score=row["scaled_score"],
+        percentile=row["percentile"],
+        items_answered=row["items_answered"],
+        items_correct=row["items_correct"],
+        stop_reason=STOP_REASON_VALUES.get(row["stop_reason"], res.STOP_REASON_UNSPECIFIED),
+        parameter_version=row["parameter_version"],
+    )
+    for area, counts in sorted(json_loads(row["content_areas"]).items()):
+        report.content_areas.add(
+            content_area=area,
+            items_answered=counts["answered"],
+            items_correct=counts["correct"],
+            proportion_of_items=counts["answered"] / max(row["items_answered"], 1),
+        )
+    for field in ("start_time", "finish_time", "report_time"):
+        if row[field] is not None:
+            getattr(report, field).FromDatetime(row[field])
+    return report
 
 
 def _open_now(exam: res.Exam) -> bool:
@@ -684,7 +718,37 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         if not request.student_id:
             raise InvalidArgument("student_id is required", [("student_id", "required")])
         await self._check_may_read_student(request.student_id)
-        raise NotImplementedError("reports arrive with scoring (the exam issue)")
+        limit = paging.page_size(request.page_size, MAX_PAGE)
+        scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(_person().zone_id)
+        rows = await self._attempts.reports(scope, student_id=request.student_id, attempt_id=None, limit=limit)
+        reports = [_report_message(row) for row in rows if not request.exam_id or row["exam_id"] == request.exam_id]
+        return pb.ListStudentReportsResponse(reports=reports)
+
+    async def GetAttemptReport(
+        self,
+        request: pb.GetAttemptReportRequest,
+        context: UnaryContext[pb.GetAttemptReportRequest, pb.GetAttemptReportResponse],
+    ) -> pb.GetAttemptReportResponse:
+        person = _person()
+        attempt, _, _ = await self._attempt_and_bank(person, request.attempt_id)
+        if attempt["student_id"] != person.user_id:
+            await self._check_may_read_student(attempt["student_id"])
+        scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
+        rows = await self._attempts.reports(scope, student_id=None, attempt_id=attempt["attempt_id"], limit=1)
+        if not rows:
+            if attempt["status"] == "in_progress":
+                raise FailedPrecondition(
+                    "the attempt is still in progress", reason=ErrorReason.ERROR_REASON_ATTEMPT_CLOSED
+                )
+            pending = res.Report(
+                attempt_id=attempt["attempt_id"],
+                exam_id=attempt["exam_id"],
+                exam_title=attempt["exam_title"],
+                student_id=attempt["student_id"],
+                status=res.REPORT_STATUS_PENDING,
+            )
+            return pb.GetAttemptReportResponse(report=pending)
+        return pb.GetAttemptReportResponse(report=_report_message(rows[0]))
 
 
 def servicers(deps: Dependencies) -> list[ServicerBinding]:
@@ -692,7 +756,8 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
         raise RuntimeError("the exam service needs PostgreSQL (MEGACITY_DATABASE_URL)")
     if deps.redis is None:
         raise RuntimeError("the exam service needs Redis (MEGACITY_REDIS_URL)")
-    servicer = ExamServicer(
-        deps.channels, ExamStore(deps.database), AttemptStore(deps.database), deps.audit, deps.redis
-    )
+    attempts = AttemptStore(deps.database)
+    servicer = ExamServicer(deps.channels, ExamStore(deps.database), attempts, deps.audit, deps.redis)
+    worker = ScoringWorker(deps.redis, attempts, consumer=f"exam-{socket.gethostname()}-{os.getpid()}")
+    deps.background.append(worker.run)
     return [ServicerBinding(exam_service_pb2_grpc.add_ExamServiceServicer_to_server, servicer)]

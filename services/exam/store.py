@@ -670,3 +670,58 @@ class AttemptStore:
                 stop_reason,
             )
         return ended == "UPDATE 1"
+
+    async def score_inputs(self, attempt_id: str) -> tuple[asyncpg.Record, list[Answer], list[float], Any] | None:
+        """A finished attempt, its answers, the sorted thetas of its exam's finished attempts, and the exam's
+        score scale (JSON); None when there is no such finished attempt."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            attempt = await connection.fetchrow(
+                f"SELECT {_ATTEMPT_COLUMNS}, e.score_scale FROM attempts a JOIN exams e USING (exam_id) "
+                "WHERE a.attempt_id = $1 AND a.status = 'finished'",
+                attempt_id,
+            )
+            if attempt is None:
+                return None
+            rows = await connection.fetch(
+                "SELECT position, item_id, content_area, response, correct, theta, standard_error "
+                "FROM attempt_responses WHERE attempt_id = $1 ORDER BY position",
+                attempt_id,
+            )
+            thetas = await connection.fetch(
+                "SELECT coalesce(theta, 0) AS theta FROM attempts WHERE exam_id = $1 AND status = 'finished' "
+                "ORDER BY 1",
+                attempt["exam_id"],
+            )
+        return attempt, [Answer(**dict(row)) for row in rows], [row["theta"] for row in thetas], attempt["score_scale"]
+
+    async def write_report(self, attempt: asyncpg.Record, report: Mapping[str, object]) -> None:
+        """Stores a report once: scoring the same attempt again (a redelivered message) changes nothing."""
+        async with tenant_transaction(self._pool, TenantScope.org(attempt["zone_id"], attempt["org_id"])) as connection:
+            await connection.execute(
+                "INSERT INTO reports (attempt_id, zone_id, org_id, exam_id, student_id, theta, standard_error, "
+                "scaled_score, percentile, items_answered, items_correct, content_areas) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (attempt_id) DO NOTHING",
+                attempt["attempt_id"],
+                attempt["zone_id"],
+                attempt["org_id"],
+                attempt["exam_id"],
+                attempt["student_id"],
+                *report.values(),
+            )
+
+    async def reports(
+        self, scope: TenantScope, *, student_id: str | None, attempt_id: str | None, limit: int
+    ) -> list[asyncpg.Record]:
+        async with tenant_transaction(self._pool, scope) as connection:
+            return list(
+                await connection.fetch(
+                    "SELECT r.*, a.stop_reason, a.parameter_version, a.start_time, a.finish_time, "
+                    "e.title AS exam_title FROM reports r JOIN attempts a USING (attempt_id) "
+                    "JOIN exams e ON e.exam_id = r.exam_id "
+                    "WHERE ($1::text IS NULL OR r.student_id = $1) AND ($2::text IS NULL OR r.attempt_id = $2) "
+                    "ORDER BY r.report_time DESC LIMIT $3",
+                    student_id,
+                    attempt_id,
+                    limit,
+                )
+            )

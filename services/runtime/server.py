@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -83,6 +83,9 @@ class Dependencies:
     # Where this service gets the JWKS that verifies access tokens: the auth service over the mesh, unless a
     # servicer sets another source (the auth service reads its own key ring).
     jwks_source: JwksSource | None = None
+    # Work a service runs beside its RPCs for as long as it serves (stream consumers): started once the server
+    # is up, cancelled first when it stops.
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
 
 BuildServicers = Callable[[Dependencies], Sequence[ServicerBinding]]
@@ -107,6 +110,7 @@ class Service:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._log_flusher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self.deps: Dependencies | None = None
         self.health: HealthMonitor | None = None
         self.port = 0
@@ -183,6 +187,9 @@ class Service:
         self._server = server
         await self.health.start()
         self._log_flusher = asyncio.create_task(flush_logs_periodically(), name="log-flusher")
+        self._background = [
+            asyncio.create_task(work(), name=f"background-{index}") for index, work in enumerate(deps.background)
+        ]
         _log.info(
             "service.started",
             address=f"{config.bind_host}:{self.port}",
@@ -195,6 +202,10 @@ class Service:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         _log.info("service.stopping", grace_seconds=grace)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
         if self.health is not None:
             await self.health.shutdown()
         if self._server is not None:
