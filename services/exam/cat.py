@@ -40,12 +40,13 @@ _GRID_IN_BOUNDS: Mask = (QUADRATURE >= THETA_MIN - 1e-9) & (QUADRATURE <= THETA_
 _MODE_TOLERANCE = 1e-9
 _MODE_ITERATIONS = 60  # bisection alone halves a 0.2-wide bracket below the tolerance in 28 steps
 _TINY = 1e-12
-# Simulation evaluates information for a block of (examinees, items) at once; this many cells keeps the block's
-# arrays in tens of megabytes whatever the bank size.
+# Simulation evaluates information for a block of (examinees, items) at once. Blocks of this many cells (2 MB per
+# float array) ran fastest: larger ones spend their time faulting in fresh memory, smaller ones in per-call overhead.
 _SIMULATION_CELLS = 1 << 18
 # Sympson-Hetter calibration aims each item's expected administration rate this many binomial standard errors below
-# the cap: with a few dozen items at the target, the highest observed rate then still stays under the cap.
-_EXPOSURE_MARGIN_Z = 3.0
+# the cap: the highest of the observed rates of the several dozen items held at the target, each also off by K's
+# own calibration error, then still stays under the cap (three were not enough in simulations of 300-item banks).
+_EXPOSURE_MARGIN_Z = 4.0
 
 
 class SelectionMethod(enum.Enum):
@@ -205,6 +206,9 @@ class Step:
 
 @dataclass(frozen=True, eq=False)
 class SimulationResult:
+    """Per simulated examinee (in the order given): final estimate, its SE, test length, content shares and why the
+    attempt stopped; per item: exposure and selection counts."""
+
     thetas: Floats
     standard_errors: Floats
     items_used: Indices
@@ -392,7 +396,8 @@ def pool_mask(bank: ItemBank, item_ids: Sequence[str] = (), content_areas: Seque
     if item_ids:
         mask &= np.isin(np.asarray(bank.ids, dtype=object), np.asarray(list(item_ids), dtype=object))
     if content_areas:
-        wanted = [index for index, area in enumerate(bank.content_areas) if area in set(content_areas)]
+        wanted_areas = set(content_areas)
+        wanted = [index for index, area in enumerate(bank.content_areas) if area in wanted_areas]
         mask &= np.isin(bank.content_area, wanted)
     return mask
 
@@ -426,16 +431,21 @@ def _available(bank: ItemBank, eligible: Mask | None, administered: Sequence[int
 def _pick(scores: Floats, config: CatConfig, rng: np.random.Generator) -> Indices:
     """Per row, the best-scoring item, or under randomesque one drawn uniformly from the k best (fewer when fewer
     than k have a finite score)."""
+    best: Indices = np.argmax(scores, axis=1)
     count = min(config.randomesque_k, scores.shape[1])
     if config.selection is SelectionMethod.MAX_INFORMATION or count == 1:
-        best: Indices = np.argmax(scores, axis=1)
         return best
-    top = np.argpartition(scores, scores.shape[1] - count, axis=1)[:, -count:]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    ranked = np.take_along_axis(top, np.argsort(-top_scores, axis=1), axis=1)
-    choices = np.isfinite(top_scores).sum(axis=1)
+    # k passes of argmax, best first: for the small k randomesque uses, far cheaper than a partition of the bank
+    rows = np.arange(len(scores))
+    ranked = np.empty((len(scores), count), dtype=np.intp)
+    ranked[:, 0] = best
+    remaining = scores.copy()
+    for rank in range(1, count):
+        remaining[rows, ranked[:, rank - 1]] = -np.inf
+        ranked[:, rank] = np.argmax(remaining, axis=1)
+    choices = np.isfinite(np.take_along_axis(scores, ranked, axis=1)).sum(axis=1)
     slot = (rng.random(len(scores)) * choices).astype(np.intp)
-    drawn: Indices = ranked[np.arange(len(scores)), slot]
+    drawn: Indices = ranked[rows, slot]
     return drawn
 
 
@@ -451,33 +461,37 @@ def _choose(
     """The next item for each examinee (rows of `available`, (examinees, items), each with at least one item),
     and the (row, item) pairs Sympson-Hetter set aside on the way."""
     examinees = len(theta)
-    information = item_information(theta[:, None], bank.a, bank.b, bank.c)
+    # unavailable items score -inf; a refused item joins them, so refusal rounds only repeat the pick
+    scores = np.where(available, item_information(theta[:, None], bank.a, bank.b, bank.c), -np.inf)
+    items_left = available.sum(axis=1)
     targets = _blueprint_targets(bank, config)
-    administered_count = area_counts.sum(axis=1)
+    if targets is not None:
+        # Kingsbury-Zara: serve the area whose count falls furthest short of its share of the test once this item
+        # is in (areas outside the blueprint have share 0, so they serve only when the blueprint's run dry)
+        shortfall = targets * (area_counts.sum(axis=1, keepdims=True) + 1) - area_counts
+        items_left_per_area = available @ bank.area_indicator
     chosen = np.full(examinees, -1, dtype=np.intp)
     pending = np.arange(examinees)
-    if exposure is not None:
-        available = available.copy()
     set_aside_rows: list[Indices] = []
     set_aside_items: list[Indices] = []
     while pending.size:
-        candidates = available[pending]
+        candidates = scores[pending]
         if targets is not None:
-            # Kingsbury-Zara: the area whose count falls furthest short of its share of the test once this item
-            # is in (areas outside the blueprint have share 0, so they serve only when the blueprint's run dry)
-            shortfall = targets * (administered_count[pending, None] + 1) - area_counts[pending]
-            open_areas = candidates @ bank.area_indicator > 0
-            area = np.argmax(np.where(open_areas, shortfall, -np.inf), axis=1)
-            candidates &= bank.content_area == area[:, None]
-        picked = _pick(np.where(candidates, information[pending], -np.inf), config, rng)
+            open_shortfall = np.where(items_left_per_area[pending] > 0, shortfall[pending], -np.inf)
+            area = np.argmax(open_shortfall, axis=1)
+            candidates = np.where(bank.content_area == area[:, None], candidates, -np.inf)
+        picked = _pick(candidates, config, rng)
         if exposure is None:
             chosen[pending] = picked
             break
         # the last item left is given whatever its parameter, so exposure control never cuts a test short
-        accepted = (rng.random(pending.size) < exposure[picked]) | (available[pending].sum(axis=1) == 1)
+        accepted = (rng.random(pending.size) < exposure[picked]) | (items_left[pending] == 1)
         chosen[pending[accepted]] = picked[accepted]
         pending, refused = pending[~accepted], picked[~accepted]
-        available[pending, refused] = False
+        scores[pending, refused] = -np.inf
+        items_left[pending] -= 1
+        if targets is not None:
+            items_left_per_area[pending, bank.content_area[refused]] -= 1
         set_aside_rows.append(pending)
         set_aside_items.append(refused)
     empty = np.zeros(0, dtype=np.intp)
@@ -599,7 +613,7 @@ def _simulate_block(
     rng: np.random.Generator,
     exposure: Floats | None,
     log_response_grids: tuple[Floats, Floats],
-) -> tuple[Floats, Floats, Indices, Indices, Indices, list[StopReason]]:
+) -> SimulationResult:
     """Examinees in lockstep: each round stops those done, then gives every other examinee one more item.
     `log_response_grids` holds every item's log P and log Q on QUADRATURE (items, points)."""
     log_p_grid, log_q_grid = log_response_grids
@@ -635,14 +649,23 @@ def _simulate_block(
         responses[active, step] = correct
         available[active, chosen] = False
         area_counts[active, bank.content_area[chosen]] += 1
-        exposure_counts += np.bincount(chosen, minlength=bank.size)
-        selection_counts += np.bincount(chosen, minlength=bank.size) + np.bincount(refused_items, minlength=bank.size)
+        given = np.bincount(chosen, minlength=bank.size)
+        exposure_counts += given
+        selection_counts += given + np.bincount(refused_items, minlength=bank.size)
         log_likelihood[active] += np.where(correct[:, None], log_p_grid[chosen], log_q_grid[chosen])
         theta[active], se[active] = _estimate(
             bank, config, items[active, : step + 1], responses[active, : step + 1], log_likelihood[active]
         )
-    finished = [reason for reason in reasons if reason is not None]
-    return theta, se, area_counts, exposure_counts, selection_counts, finished
+    items_used = area_counts.sum(axis=1)
+    return SimulationResult(
+        thetas=theta,
+        standard_errors=se,
+        items_used=items_used,
+        exposure_counts=exposure_counts,
+        selection_counts=selection_counts,
+        content_proportions=area_counts / np.maximum(items_used, 1)[:, None],
+        stop_reasons=tuple(reason for reason in reasons if reason is not None),
+    )
 
 
 def simulate(
@@ -661,18 +684,16 @@ def simulate(
     grids = _log_response_probabilities(QUADRATURE, bank.a[:, None], bank.b[:, None], bank.c[:, None])
     parts = [
         _simulate_block(bank, config, abilities[start : start + block], rng, exposure, grids)
-        for start in range(0, len(abilities), block)
+        for start in range(0, max(len(abilities), 1), block)
     ]
-    area_counts = np.concatenate([part[2] for part in parts]) if parts else np.zeros((0, len(bank.content_areas)))
-    items_used = area_counts.sum(axis=1).astype(np.intp)
     return SimulationResult(
-        thetas=np.concatenate([part[0] for part in parts]) if parts else np.zeros(0),
-        standard_errors=np.concatenate([part[1] for part in parts]) if parts else np.zeros(0),
-        items_used=items_used,
-        exposure_counts=sum((part[3] for part in parts), np.zeros(bank.size, dtype=np.intp)),
-        selection_counts=sum((part[4] for part in parts), np.zeros(bank.size, dtype=np.intp)),
-        content_proportions=area_counts / np.maximum(items_used, 1)[:, None],
-        stop_reasons=tuple(reason for part in parts for reason in part[5]),
+        thetas=np.concatenate([part.thetas for part in parts]),
+        standard_errors=np.concatenate([part.standard_errors for part in parts]),
+        items_used=np.concatenate([part.items_used for part in parts]),
+        exposure_counts=np.sum([part.exposure_counts for part in parts], axis=0),
+        selection_counts=np.sum([part.selection_counts for part in parts], axis=0),
+        content_proportions=np.concatenate([part.content_proportions for part in parts]),
+        stop_reasons=tuple(reason for part in parts for reason in part.stop_reasons),
     )
 
 
@@ -681,19 +702,21 @@ def sympson_hetter_parameters(
     config: CatConfig,
     rng: np.random.Generator,
     *,
-    simulees: int = 4000,
+    simulees: int = 2000,
     iterations: int = 10,
     observed_over: int = 1000,
 ) -> Floats:
     """Sympson-Hetter exposure parameters K by the classic iteration: simulate `simulees` examinees drawn from the
     prior with the current K (all 1 at first), measure each item's selection rate P(S) and administration rate
-    P(A) = P(S) K, and set K = min(1, r / P(S)); stop once max P(A) <= r, or after `iterations` rounds.
+    P(A) = P(S) K, and set K = min(1, r / P(S)); stop once max P(A) <= r (at once when no item is that popular), or
+    after `iterations` rounds.
 
-    K bounds each item's expected administration rate, while the rate observed over a group of n examinees scatters
-    around it with standard error sqrt(r (1 - r) / n). So r is not the cap itself: it sits three such standard
-    errors below config.max_exposure_rate for groups of `observed_over` examinees, so that the rates observed over
-    such groups stay at or under the cap. `simulees` sets the precision of K (its relative error is about
-    sqrt((1 - P(S)) / (P(S) simulees))), which the margin does not cover."""
+    K bounds each item's expected administration rate; the rate observed over n examinees scatters around it with
+    standard error sqrt(r (1 - r) / n), and K itself carries a calibration error of relative size about
+    sqrt((1 - P(S)) / (P(S) simulees)). So r is not the cap itself: it sits four standard errors for groups of
+    `observed_over` examinees below config.max_exposure_rate, enough for the highest rate observed over such a
+    group to stay at or under the cap.
+    """
     cap = config.max_exposure_rate
     target = cap - _EXPOSURE_MARGIN_Z * math.sqrt(cap * (1.0 - cap) / observed_over)
     if target <= 0:
