@@ -90,6 +90,12 @@ def _audit(args: argparse.Namespace) -> int:
     return audit.command(args.zone, database_url=args.database_url)
 
 
+def _seed(args: argparse.Namespace) -> int:
+    from ops import seed
+
+    return seed.command(args.database_url, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megacity", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--zone", default=None, help="verify only this zone (default: every zone with records)")
     audit.add_argument("--database-url", default=None, help="owner connection URL (default: as for `db`)")
     audit.set_defaults(handler=_audit)
+
+    seed = commands.add_parser("seed", help="demo data on a running mesh: an org, accounts, an item bank, an exam")
+    seed.add_argument("--demo", action="store_true", required=True, help="the demo organisation in zone univ")
+    seed.add_argument("--json", action="store_true", help="print accounts, passwords and ids as JSON")
+    seed.add_argument("--database-url", default=None, help="owner connection URL (default: as for `db`)")
+    seed.set_defaults(handler=_seed)
 
     gen = commands.add_parser("gen", help="regenerate code and manifests from proto/ and mesh/catalog.yaml")
     gen.add_argument("--check", action="store_true", help="fail if anything generated is stale")

@@ -79,6 +79,20 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         first_line = (home / "logs" / "auth.log").read_text().splitlines()[0]
         assert json.loads(first_line)["service"] == "auth"
 
+        # The demo data lands on the running mesh, and seeding again changes nothing.
+        seeded = [_megacity(env, "seed", "--demo", "--json") for _ in range(2)]
+        assert all(run.returncode == 0 for run in seeded), seeded[0].stderr + seeded[1].stderr
+        first, again = (json.loads(run.stdout) for run in seeded)
+        assert first == again
+        assert sorted(account["role"] for account in first["accounts"]) == [
+            "parent",
+            "student",
+            "student",
+            "teacher",
+            "zone_admin",
+        ]
+        assert all(account["user_id"] for account in first["accounts"])
+
         # A service process that dies is restarted by the supervisor and becomes SERVING again.
         os.kill(components["tenant"]["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 60
