@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from redis.asyncio import Redis
@@ -248,3 +249,27 @@ async def test_an_attempt_that_cannot_be_scored_ends_in_the_dead_letter_stream(
     finally:
         await client.aclose()
         await pool.close()
+
+
+async def test_an_answer_after_the_time_limit_ends_the_attempt(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis, fresh_database: str
+) -> None:
+    async with _exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, _ = await _published_exam(people, exam)
+        student = await people.as_new_user("univ", org_id, "student")
+        started = (
+            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+        ).attempt
+        connection = await asyncpg.connect(fresh_database)  # the clock runs out (as the database's owner)
+        try:
+            await connection.execute(
+                "UPDATE exam.attempts SET deadline_time = now() - interval '1 second' WHERE attempt_id = $1", started.id
+            )
+        finally:
+            await connection.close()
+        late = await exam.SubmitAnswer(
+            pb.SubmitAnswerRequest(attempt_id=started.id, item_id=started.current_item.item_id, response="A"),
+            metadata=student.metadata(),
+        )
+        assert (late.finished, late.items_answered, late.stop_reason) == (True, 0, res.STOP_REASON_TIME_LIMIT)
+        assert not late.HasField("correct")

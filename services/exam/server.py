@@ -565,7 +565,11 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             if request.item_id != attempt["current_item_id"]:
                 return await self._replayed(scope, attempt, bank, exam, request.item_id)
             if attempt["deadline_time"] is not None and attempt["deadline_time"] <= datetime.now(UTC):
-                raise FailedPrecondition("the attempt's time is up", reason=ErrorReason.ERROR_REASON_ATTEMPT_CLOSED)
+                # Time is up: the late answer does not count, and the attempt ends as it stood (and is scored).
+                if await self._attempts.finish_attempt(attempt, "time_limit"):
+                    await self._finished(attempt)
+                attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
+                return self._submit_reply(attempt, bank, exam, correct=None)
             position = attempt["current_position"]
             state = await self._states.load(attempt["attempt_id"], position, bank)
             if state is None:
@@ -628,7 +632,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         )
 
     def _submit_reply(
-        self, attempt: asyncpg.Record, bank: LoadedBank, exam: res.Exam, correct: bool
+        self, attempt: asyncpg.Record, bank: LoadedBank, exam: res.Exam, correct: bool | None
     ) -> pb.SubmitAnswerResponse:
         reply = pb.SubmitAnswerResponse(
             attempt_id=attempt["attempt_id"],
@@ -644,7 +648,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         if exam.show_estimates and attempt["theta"] is not None:
             reply.theta = attempt["theta"]
             reply.standard_error = attempt["standard_error"]
-        if exam.show_item_feedback:
+        if exam.show_item_feedback and correct is not None:
             reply.correct = correct
         if attempt["deadline_time"] is not None:
             reply.deadline_time.FromDatetime(attempt["deadline_time"])
