@@ -95,6 +95,7 @@ def _required(value: str, field: str) -> None:
 
 
 SCORING_STREAM = "exam_scoring"
+_EXAM_CACHE_LIMIT = 1024
 ATTEMPT_STATUS_VALUES = {
     "in_progress": res.ATTEMPT_STATUS_IN_PROGRESS,
     "finished": res.ATTEMPT_STATUS_FINISHED,
@@ -181,6 +182,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         self._states = bank_module.CatStates(redis)
         self._redis = redis
         self._audit = auditor
+        self._started_exams: dict[str, res.Exam] = {}
 
     # --- items -----------------------------------------------------------------------------------------------------
 
@@ -448,8 +450,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             stem=row.stem,
             media_uri=row.media_uri,
         )
-        for choice in row.choices:
-            json_format.ParseDict(choice, served.choices.add())
+        served.choices.extend(row.choices)
         if serve_time is not None:
             served.serve_time.FromDatetime(serve_time)
         return served
@@ -548,7 +549,13 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         _required(attempt_id, "attempt_id")
         scope = TenantScope.platform() if person.role == "super_admin" else TenantScope.zone(person.zone_id)
         attempt = await self._attempts.attempt(scope, attempt_id)
-        exam = exam_message(await self._store.exam(scope, attempt["exam_id"]))
+        exam = self._started_exams.get(attempt["exam_id"])
+        if exam is None:
+            # An exam with attempts is published or archived: its form, scale and feedback settings no longer change.
+            exam = exam_message(await self._store.exam(scope, attempt["exam_id"]))
+            if len(self._started_exams) >= _EXAM_CACHE_LIMIT:
+                self._started_exams.clear()
+            self._started_exams[exam.id] = exam
         bank = await self._banks.get(scope, attempt["org_id"], attempt["parameter_version"])
         return attempt, bank, exam
 
@@ -575,9 +582,8 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             if state is None:
                 state = _rebuilt(attempt, await self._attempts.answers(scope, attempt["attempt_id"]), bank)
             row = bank.rows[bank.index[request.item_id]]
-            answer_key = res.AnswerKey()
-            json_format.ParseDict(row.answer_key, answer_key)
-            correct = items.is_correct(row.item_type, answer_key, [c["id"] for c in row.choices], request.response)
+            choice_ids = [choice.id for choice in row.choices]
+            correct = items.is_correct(row.item_type, row.answer_key, choice_ids, request.response)
             config = bank_module.adaptive_config(exam.adaptive)
             elapsed = (datetime.now(UTC) - attempt["start_time"]).total_seconds()
             step = cat.next_step(
@@ -602,14 +608,14 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             )
             stop = "" if step.stop_reason is None else STOP_REASONS[step.stop_reason]
             set_aside = [bank.engine.ids[item] for item in step.state.set_aside]
-            if await self._attempts.record_answer(
+            moved = await self._attempts.record_answer(
                 attempt, answer, next_item=next_item, set_aside=set_aside, stop_reason=stop
-            ):
+            )
+            if moved is not None:
                 await self._states.save(attempt["attempt_id"], position + 1, step.state, bank)
                 if next_item is None:
                     await self._finished(attempt)
-                attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
-                return self._submit_reply(attempt, bank, exam, correct)
+                return self._submit_reply(moved, bank, exam, correct)
             attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
         raise Aborted(
             "the attempt changed while answering: retry", reason=ErrorReason.ERROR_REASON_CONCURRENT_MODIFICATION

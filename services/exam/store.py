@@ -474,8 +474,8 @@ class BankRow:
     content_area: str
     item_type: str
     stem: str
-    choices: Any
-    answer_key: Any
+    choices: list[res.Choice]
+    answer_key: res.AnswerKey
     media_uri: str
     status: str
     exposure_parameter: float
@@ -517,8 +517,9 @@ class AttemptStore:
                 content_area=row["content_area"],
                 item_type=row["item_type"],
                 stem=row["stem"],
-                choices=json_loads(row["choices"]),
-                answer_key=json_loads(row["answer_key"]),
+                # Parsed once per bank load, not per answer: protobuf's JSON parsing is slow in Python.
+                choices=[json_format.ParseDict(choice, res.Choice()) for choice in json_loads(row["choices"])],
+                answer_key=json_format.ParseDict(json_loads(row["answer_key"]), res.AnswerKey()),
                 media_uri=row["media_uri"],
                 status=row["status"],
                 exposure_parameter=row["exposure_parameter"],
@@ -614,18 +615,20 @@ class AttemptStore:
         next_item: str | None,
         set_aside: Sequence[str],
         stop_reason: str,
-    ) -> bool:
+    ) -> asyncpg.Record | None:
         """Stores the answer and moves the attempt on, atomically and only if the attempt still waits for this item
-        at this position; False when another submit got there first."""
+        at this position: the attempt as it is now, or None when another submit got there first."""
         scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
         async with tenant_transaction(self._pool, scope) as connection:
-            moved = await connection.execute(
+            moved = await connection.fetchrow(
                 "UPDATE attempts SET current_item_id = $3, current_position = current_position + 1, "
                 "current_serve_time = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, theta = $4, "
                 "standard_error = $5, set_aside = $6, stop_reason = $7, "
                 "status = CASE WHEN $3::text IS NULL THEN 'finished' ELSE status END, "
                 "finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END "
-                "WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress'",
+                "WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress' "
+                "RETURNING attempt_id, status, current_item_id, current_position, current_serve_time, theta, "
+                "standard_error, stop_reason, deadline_time",
                 attempt["attempt_id"],
                 answer.item_id,
                 next_item,
@@ -635,8 +638,8 @@ class AttemptStore:
                 stop_reason,
                 answer.position,
             )
-            if moved != "UPDATE 1":
-                return False
+            if moved is None:
+                return None
             await connection.execute(
                 "INSERT INTO attempt_responses (attempt_id, position, item_id, zone_id, org_id, content_area, "
                 "response, correct, theta, standard_error, response_time_ms) "
@@ -657,7 +660,7 @@ class AttemptStore:
             await connection.execute(
                 "UPDATE items SET exposure_count = exposure_count + 1 WHERE item_id = $1", answer.item_id
             )
-        return True
+        return moved
 
     async def finish_attempt(self, attempt: asyncpg.Record, stop_reason: str) -> bool:
         """Ends an attempt in progress (the student stops early); False when it had ended already."""

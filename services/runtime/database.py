@@ -10,6 +10,7 @@ sees only its tenant's rows, and one that runs outside `tenant_transaction` sees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,22 +81,38 @@ async def create_pool(dsn: str, *, schema: str, min_size: int = 0, max_size: int
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, server_settings={"search_path": schema})
 
 
+def _literal(value: str) -> str:
+    """A PostgreSQL string literal (standard_conforming_strings, the default since 9.1: only quotes double)."""
+    if "\x00" in value:
+        raise ValueError("a tenant setting cannot contain a NUL character")
+    return "'" + value.replace("'", "''") + "'"
+
+
 @asynccontextmanager
 async def tenant_transaction(pool: asyncpg.Pool, scope: TenantScope) -> AsyncIterator[PoolConnectionProxy]:
     """A pooled connection inside a transaction that row-level security scopes to `scope`.
 
-    The settings are transaction-local (set_config's third argument), so they vanish at commit or
-    rollback and a connection returned to the pool never carries one caller's tenant to the next.
+    The settings are transaction-local (SET LOCAL), so they vanish at commit or rollback and a connection returned
+    to the pool never carries one caller's tenant to the next. The transaction opens with its settings in one
+    round trip (a simple-protocol batch: every request's transactions start this way, and round trips are most of
+    their cost); a connection released while still in the transaction (an error, a cancellation) is rolled back
+    by the pool.
     """
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute(
-            "SELECT set_config('megacity.scope', $1, true), set_config('megacity.zone_id', $2, true), "
-            "set_config('megacity.org_id', $3, true)",
-            scope.level.value,
-            scope.zone_id or "",
-            scope.org_id or "",
-        )
-        yield connection
+    begin = (
+        f"BEGIN; SET LOCAL megacity.scope = {_literal(scope.level.value)}; "
+        f"SET LOCAL megacity.zone_id = {_literal(scope.zone_id or '')}; "
+        f"SET LOCAL megacity.org_id = {_literal(scope.org_id or '')}"
+    )
+    async with pool.acquire() as connection:
+        await connection.execute(begin)
+        try:
+            yield connection
+        except BaseException:
+            # A broken connection cannot roll back; the pool discards it, and the original error is what matters.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(connection.execute("ROLLBACK"))
+            raise
+        await connection.execute("COMMIT")
 
 
 async def _select_one(pool: asyncpg.Pool) -> bool:
