@@ -172,6 +172,17 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         access_token = self._access_token(user, session["session_id"])
         return access_token, refresh_token, session["session_id"], session
 
+    def _tokens(self, access_token: str, refresh_token: str, session_id: str) -> dict[str, Any]:
+        """The OAuth-style fields every reply that signs a person in carries at its top level."""
+        return {
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "token_type": TOKEN_TYPE,
+            "expires_in": self._settings.access_token_seconds,
+            "refresh_expires_in": self._settings.refresh_token_seconds,
+            "session_id": session_id,
+        }
+
     def _access_token(self, user: asyncpg.Record, session_id: str) -> str:
         token, _ = issue_access_token(
             self._keys.ring,
@@ -246,12 +257,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         access, refresh, session_id, _ = await self._sign_in(user, context, mfa_verified=False)
         await self._audit_as(user, "register", "success", resource_type="user", resource_id=user["user_id"])
         return pb.RegisterResponse(
-            access_token=access,
-            refresh_token=refresh,
-            token_type=TOKEN_TYPE,
-            expires_in=self._settings.access_token_seconds,
-            refresh_expires_in=self._settings.refresh_token_seconds,
-            session_id=session_id,
+            **self._tokens(access, refresh, session_id),
             user=self._user_message(user, with_personal_data=True),
         )
 
@@ -316,12 +322,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         access, refresh, session_id, _ = await self._sign_in(user, context, mfa_verified=False)
         await self._audit_as(user, "login", "success", resource_type="session", resource_id=session_id)
         return pb.LoginResponse(
-            access_token=access,
-            refresh_token=refresh,
-            token_type=TOKEN_TYPE,
-            expires_in=self._settings.access_token_seconds,
-            refresh_expires_in=self._settings.refresh_token_seconds,
-            session_id=session_id,
+            **self._tokens(access, refresh, session_id),
             user=self._user_message(user, with_personal_data=True),
         )
 
@@ -339,12 +340,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         user, session = await self._rotated(result)
         await self._check_may_sign_in(user)
         return pb.RefreshResponse(
-            access_token=self._access_token(user, session["session_id"]),
-            refresh_token=successor,
-            token_type=TOKEN_TYPE,
-            expires_in=self._settings.access_token_seconds,
-            refresh_expires_in=self._settings.refresh_token_seconds,
-            session_id=session["session_id"],
+            **self._tokens(self._access_token(user, session["session_id"]), successor, session["session_id"])
         )
 
     async def _rotated(self, result: RotationResult) -> tuple[asyncpg.Record, asyncpg.Record]:
@@ -516,12 +512,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             details={"mfa": "recovery_code" if left is not None else "totp"},
         )
         return pb.VerifyMfaChallengeResponse(
-            access_token=access,
-            refresh_token=refresh,
-            token_type=TOKEN_TYPE,
-            expires_in=self._settings.access_token_seconds,
-            refresh_expires_in=self._settings.refresh_token_seconds,
-            session_id=session_id,
+            **self._tokens(access, refresh, session_id),
             user=self._user_message(user, with_personal_data=True),
             recovery_codes_remaining=left if left is not None else state["recovery_codes_left"],
         )

@@ -57,9 +57,6 @@ from functools import partial
 from pathlib import Path
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
 from redis.asyncio import Redis
 
 from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
@@ -75,6 +72,7 @@ from services.runtime.config import Transport
 from services.runtime.contracts import default_pool
 from services.runtime.pki import ensure_credentials
 from services.runtime.tokens import TokenVerifier, parse_jwks
+from tests.bench.h2load import IN_FLIGHT, GrpcLoad
 from tests.support.accounts import PASSWORD, Caller
 from tests.support.mesh import mtls_channel
 from tests.support.ports import free_port
@@ -84,7 +82,6 @@ ZONE = "univ"
 GET_ZONE = "/megacity.tenant.v1.TenantService/GetZone"
 LOOKUP_ZONE = "/megacity.tenant.v1.TenantService/LookupZone"
 AUTHENTICATED, MESH_ONLY = "GetZone", "LookupZone"
-IN_FLIGHT = 32
 VERIFY_TARGET_US = 100.0
 AUTHENTICATOR_NEW = "Authenticator.verify, new token"
 AUTHENTICATOR_SAME = "Authenticator.verify, same token"
@@ -374,75 +371,6 @@ def _client_tls(platform: _Platform, identity: str) -> ssl.SSLContext:
     return context
 
 
-class _GrpcLoad:
-    """Unary calls of one method over one HTTP/2 connection, a fixed number always in flight (bench_runtime's)."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, path: str, message: bytes
-    ) -> None:
-        self._reader, self._writer = reader, writer
-        self._connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self._body = b"\x00" + len(message).to_bytes(4, "big") + message
-        self._pseudo = [
-            (":method", "POST"),
-            (":scheme", "https"),
-            (":path", path),
-            (":authority", f"127.0.0.1:{port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
-        self._headers = self._pseudo
-        self._connection.initiate_connection()
-        self._sent_at: dict[int, float] = {}
-        self.failures = 0
-        self.first_failure = ""
-        self.latencies: list[float] = []
-
-    def set_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._headers = [*self._pseudo, *metadata]
-
-    def close(self) -> None:
-        # Aborted, not shut down: grpc's server does not answer TLS close_notify, and nothing is left to say.
-        self._writer.transport.abort()
-
-    def _send(self) -> None:
-        stream_id = self._connection.get_next_available_stream_id()
-        self._sent_at[stream_id] = time.perf_counter()
-        self._connection.send_headers(stream_id, self._headers)
-        self._connection.send_data(stream_id, self._body, end_stream=True)
-
-    async def run(self, seconds: float) -> int:
-        """Calls completed in `seconds` with grpc-status 0; any other status counts in `failures`."""
-        completed = 0
-        stop_at = time.perf_counter() + seconds
-        for _ in range(IN_FLIGHT):
-            self._send()
-        in_flight = IN_FLIGHT
-        while in_flight:
-            self._writer.write(self._connection.data_to_send())
-            data = await self._reader.read(1 << 16)
-            if not data:
-                raise ConnectionError("the server closed the connection")
-            for event in self._connection.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
-                    self._connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.TrailersReceived):
-                    if (b"grpc-status", b"0") in event.headers:
-                        completed += 1
-                    else:
-                        self.failures += 1
-                        self.first_failure = self.first_failure or repr(event.headers)
-                elif isinstance(event, h2.events.StreamEnded):
-                    self.latencies.append(time.perf_counter() - self._sent_at.pop(event.stream_id))
-                    in_flight -= 1
-                    if time.perf_counter() < stop_at:
-                        self._send()
-                        in_flight += 1
-                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                    raise ConnectionError(f"the server ended the call: {event}")
-        return completed
-
-
 @dataclass
 class _Sample:
     rps: float
@@ -453,14 +381,14 @@ class _Sample:
     server_busy: float  # of the server CPU: ~1 when it is the bottleneck, as it should be
 
 
-async def _load(platform: _Platform, identity: str, path: str) -> _GrpcLoad:
+async def _load(platform: _Platform, identity: str, path: str) -> GrpcLoad:
     port = platform.ports["tenant"]
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_client_tls(platform, identity))
     message = tenant_service_pb2.GetZoneRequest(zone_id=ZONE).SerializeToString()  # LookupZoneRequest's bytes too
-    return _GrpcLoad(reader, writer, port, path, message)
+    return GrpcLoad(reader, writer, port, path, message)
 
 
-async def _measure(load: _GrpcLoad, seconds: float, server_pid: int, server_cpus: frozenset[int]) -> _Sample:
+async def _measure(load: GrpcLoad, seconds: float, server_pid: int, server_cpus: frozenset[int]) -> _Sample:
     load.latencies.clear()
     cpu_before = _cpu_seconds(server_pid)
     busy_before, total_before = _cpu_jiffies(server_cpus)

@@ -37,15 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
 
 from megacity.testing.v1 import probe_pb2, probe_pb2_grpc
 from services.runtime.config import Transport
 from services.runtime.pki import ensure_credentials
 from services.runtime.server import Service
 from services.runtime.telemetry import configure_logging, configure_tracing
+from tests.bench.h2load import IN_FLIGHT, GrpcLoad
 from tests.support.mesh import make_config, mesh_catalog
 from tests.support.probe import ProbeServicer
 from tests.support.probe import servicers as probe_servicers
@@ -54,7 +52,6 @@ MODES = ("bare-plaintext", "bare-mtls", "runtime-linkerd", "runtime-mtls")
 BASELINES = {"bare-mtls": "bare-plaintext", "runtime-linkerd": "bare-plaintext", "runtime-mtls": "bare-mtls"}
 ECHO_PATH = "/megacity.testing.v1.ProbeService/Echo"
 LINKERD_OPS = "ops.megacity.serviceaccount.identity.linkerd.cluster.local"
-IN_FLIGHT = 32
 
 
 # --- the servers ----------------------------------------------------------------------------------------
@@ -105,71 +102,10 @@ def _client_tls(pki: Path) -> ssl.SSLContext:
     return context
 
 
-class _GrpcLoad:
-    """Unary gRPC calls over one HTTP/2 connection, a fixed number always in flight."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode: str, port: int) -> None:
-        self._reader, self._writer = reader, writer
-        self._connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        message = probe_pb2.EchoRequest(payload="x").SerializeToString()
-        self._body = b"\x00" + len(message).to_bytes(4, "big") + message
-        scheme = "https" if mode.endswith("mtls") else "http"
-        self._headers = [
-            (":method", "POST"),
-            (":scheme", scheme),
-            (":path", ECHO_PATH),
-            (":authority", f"127.0.0.1:{port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
-        if mode == "runtime-linkerd":
-            self._headers.append(("l5d-client-id", LINKERD_OPS))
-        self._connection.initiate_connection()
-        self._sent_at: dict[int, float] = {}
-        self.failures = 0
-        self.latencies: list[float] = []
-
-    def _send(self) -> None:
-        stream_id = self._connection.get_next_available_stream_id()
-        self._sent_at[stream_id] = time.perf_counter()
-        self._connection.send_headers(stream_id, self._headers)
-        self._connection.send_data(stream_id, self._body, end_stream=True)
-
-    async def run(self, seconds: float) -> int:
-        """Calls completed in `seconds` with grpc-status 0; any other status counts in `failures`."""
-        completed = 0
-        stop_at = time.perf_counter() + seconds
-        for _ in range(IN_FLIGHT):
-            self._send()
-        in_flight = IN_FLIGHT
-        while in_flight:
-            self._writer.write(self._connection.data_to_send())
-            data = await self._reader.read(1 << 16)
-            if not data:
-                raise ConnectionError("the server closed the connection")
-            for event in self._connection.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
-                    self._connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.TrailersReceived):
-                    if (b"grpc-status", b"0") in event.headers:
-                        completed += 1
-                    else:
-                        self.failures += 1
-                elif isinstance(event, h2.events.StreamEnded):
-                    self.latencies.append(time.perf_counter() - self._sent_at.pop(event.stream_id))
-                    in_flight -= 1
-                    if time.perf_counter() < stop_at:
-                        self._send()
-                        in_flight += 1
-                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                    raise ConnectionError(f"the server ended the call: {event}")
-        return completed
-
-
 async def _load(pki: Path) -> None:
     """Serves the parent's commands on stdin: `connect <mode> <port>`, then `run <mode> <seconds>`."""
     tls = _client_tls(pki)
-    loads: dict[str, _GrpcLoad] = {}
+    loads: dict[str, GrpcLoad] = {}
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         command, mode, argument = line.split()
@@ -178,7 +114,13 @@ async def _load(pki: Path) -> None:
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, ssl=tls if mode.endswith("mtls") else None
             )
-            loads[mode] = _GrpcLoad(reader, writer, mode, port)
+            message = probe_pb2.EchoRequest(payload="x").SerializeToString()
+            load = GrpcLoad(
+                reader, writer, port, ECHO_PATH, message, scheme="https" if mode.endswith("mtls") else "http"
+            )
+            if mode == "runtime-linkerd":
+                load.set_metadata((("l5d-client-id", LINKERD_OPS),))
+            loads[mode] = load
             await loads[mode].run(0.5)  # warm the connection and the server's code paths
             reply: dict[str, float] = {"failures": loads[mode].failures}
         else:
