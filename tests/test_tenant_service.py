@@ -325,3 +325,32 @@ async def test_users_of_a_suspended_org_cannot_log_in(people: People) -> None:
         tenant_service_pb2.ReactivateOrganizationRequest(org_id=academy.id), metadata=zone_admin.metadata()
     )
     await people.sign_in("univ", teacher)
+
+
+async def test_a_super_admin_routes_domains_to_zones(people: People) -> None:
+    root = await people.as_new_user("dreamseed", "dreamseed-public", "super_admin")
+    added = await people.tenant.AddZoneDomain(
+        tenant_service_pb2.AddZoneDomainRequest(zone_id="mpc", domain="MPC-Practice.kr."), metadata=root.metadata()
+    )
+    assert "mpc-practice.kr" in added.zone.domains
+    resolved = await people.tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host="api.mpc-practice.kr"))
+    assert resolved.zone.id == "mpc"
+    with pytest.raises(grpc.aio.AioRpcError) as taken:
+        await people.tenant.AddZoneDomain(
+            tenant_service_pb2.AddZoneDomainRequest(zone_id="univ", domain="mpc-practice.kr"), metadata=root.metadata()
+        )
+    assert taken.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    zone_admin = await people.as_new_user("mpc", "mpc-public", "zone_admin")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await people.tenant.RemoveZoneDomain(
+            tenant_service_pb2.RemoveZoneDomainRequest(zone_id="mpc", domain="mpc-practice.kr"),
+            metadata=zone_admin.metadata(),
+        )
+    assert reason(refused.value) == "OUT_OF_SCOPE"
+    removed = await people.tenant.RemoveZoneDomain(
+        tenant_service_pb2.RemoveZoneDomainRequest(zone_id="mpc", domain="mpc-practice.kr"), metadata=root.metadata()
+    )
+    assert "mpc-practice.kr" not in removed.zone.domains
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await people.tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host="api.mpc-practice.kr"))
+    assert gone.value.code() is grpc.StatusCode.NOT_FOUND

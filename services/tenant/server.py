@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
+from megacity.tenant.v1 import resources_pb2 as tenant_resources
 from megacity.tenant.v1 import tenant_service_pb2 as pb
 from megacity.tenant.v1 import tenant_service_pb2_grpc
 from services.runtime import paging
@@ -147,37 +148,33 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         )
         return pb.UpdateZoneResponse(zone=zone)
 
+    async def _route_domain(self, zone_id: str, raw_domain: str, *, add: bool) -> tenant_resources.Zone:
+        zones.require_platform(_actor(), "route domains to zones")
+        violations = Violations()
+        _required(violations, zone_id, "zone_id")
+        domain = zones.check_domain(violations, raw_domain, "domain")
+        violations.raise_if_any()
+        change = self._store.add_domain if add else self._store.remove_domain
+        zone = await change(zone_id, domain)
+        detail = "domain_added" if add else "domain_removed"
+        await self._audit.record(
+            "update", "success", resource_type="zone", resource_id=zone.id, details={detail: domain}
+        )
+        return zone
+
     async def AddZoneDomain(
         self,
         request: pb.AddZoneDomainRequest,
         context: UnaryContext[pb.AddZoneDomainRequest, pb.AddZoneDomainResponse],
     ) -> pb.AddZoneDomainResponse:
-        zones.require_platform(_actor(), "route domains to zones")
-        violations = Violations()
-        _required(violations, request.zone_id, "zone_id")
-        domain = zones.check_domain(violations, request.domain, "domain")
-        violations.raise_if_any()
-        zone = await self._store.add_domain(request.zone_id, domain)
-        await self._audit.record(
-            "update", "success", resource_type="zone", resource_id=zone.id, details={"domain_added": domain}
-        )
-        return pb.AddZoneDomainResponse(zone=zone)
+        return pb.AddZoneDomainResponse(zone=await self._route_domain(request.zone_id, request.domain, add=True))
 
     async def RemoveZoneDomain(
         self,
         request: pb.RemoveZoneDomainRequest,
         context: UnaryContext[pb.RemoveZoneDomainRequest, pb.RemoveZoneDomainResponse],
     ) -> pb.RemoveZoneDomainResponse:
-        zones.require_platform(_actor(), "route domains to zones")
-        violations = Violations()
-        _required(violations, request.zone_id, "zone_id")
-        domain = zones.check_domain(violations, request.domain, "domain")
-        violations.raise_if_any()
-        zone = await self._store.remove_domain(request.zone_id, domain)
-        await self._audit.record(
-            "update", "success", resource_type="zone", resource_id=zone.id, details={"domain_removed": domain}
-        )
-        return pb.RemoveZoneDomainResponse(zone=zone)
+        return pb.RemoveZoneDomainResponse(zone=await self._route_domain(request.zone_id, request.domain, add=False))
 
     # --- organisations ----------------------------------------------------------------------------------------
 
