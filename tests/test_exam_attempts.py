@@ -273,3 +273,36 @@ async def test_an_answer_after_the_time_limit_ends_the_attempt(
         )
         assert (late.finished, late.items_answered, late.stop_reason) == (True, 0, res.STOP_REASON_TIME_LIMIT)
         assert not late.HasField("correct")
+
+
+async def test_an_attempt_whose_scoring_message_was_lost_is_queued_again(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis, fresh_database: str
+) -> None:
+    async with _exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, _ = await _published_exam(people, exam)
+        student = await people.as_new_user("univ", org_id, "student")
+        started = (
+            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+        ).attempt
+    # The service is down; as if it had died between committing the finish and queueing it for scoring:
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "UPDATE exam.attempts SET status = 'finished', current_item_id = NULL, "
+            "finish_time = now() - interval '1 minute', stop_reason = 'student_finished' WHERE attempt_id = $1",
+            started.id,
+        )
+    finally:
+        await connection.close()
+    pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
+    client = Redis.from_url(redis.url, decode_responses=True)
+    try:
+        worker = ScoringWorker(client, AttemptStore(pool), "requeue-test", reclaim_idle_ms=0)
+        await worker.ensure_group()
+        assert await worker.requeue_unscored() >= 1
+        for _ in range(5):
+            await worker.process(block_ms=10)
+        assert await worker.requeue_unscored() == 0  # scored now: nothing left to queue
+    finally:
+        await client.aclose()
+        await pool.close()

@@ -728,3 +728,17 @@ class AttemptStore:
                     limit,
                 )
             )
+
+    async def unscored_attempts(self, settle_seconds: float, limit: int) -> list[asyncpg.Record]:
+        """Attempts finished more than `settle_seconds` ago (within a day) that have no report: their message to
+        the scoring worker was lost (a crash between the commit and the XADD)."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            return list(
+                await connection.fetch(
+                    "SELECT attempt_id, org_id FROM attempts a WHERE status = 'finished' "
+                    "AND finish_time < now() - make_interval(secs => $1) AND finish_time > now() - interval '1 day' "
+                    "AND NOT EXISTS (SELECT FROM reports r WHERE r.attempt_id = a.attempt_id) LIMIT $2",
+                    settle_seconds,
+                    limit,
+                )
+            )

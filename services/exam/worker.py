@@ -3,12 +3,15 @@
 A consumer group shares the work between exam service replicas. An entry is acknowledged once its report is
 stored (writing a report is idempotent, so a redelivery is harmless). An entry a replica took and never
 acknowledged (it crashed) is reclaimed by another after RECLAIM_IDLE_MS. An entry that fails MAX_DELIVERIES times
-goes to the dead-letter stream `exam_scoring:dead`, with its error, and is acknowledged.
+goes to the dead-letter stream `exam_scoring:dead`, with its error, and is acknowledged. Every REQUEUE_SECONDS
+the worker also queues again finished attempts of the last day that have no report yet: their message was lost
+between the attempt's commit and its XADD.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -26,6 +29,8 @@ GROUP = "scoring"
 DEAD_LETTER = "exam_scoring:dead"
 MAX_DELIVERIES = 5
 RECLAIM_IDLE_MS = 30_000
+REQUEUE_SECONDS = 60.0
+_SETTLE_SECONDS = 30.0  # an attempt finished this recently may still have its message on the way
 _log = structlog.get_logger("megacity.exam.scoring")
 
 
@@ -57,11 +62,24 @@ class ScoringWorker:
         while True:
             try:
                 await self.ensure_group()
+                requeued_at = 0.0
                 while True:
+                    if time.monotonic() - requeued_at >= REQUEUE_SECONDS:
+                        await self.requeue_unscored()
+                        requeued_at = time.monotonic()
                     await self.process(block_ms=1000)
             except (RedisError, OSError) as error:
                 _log.warning("scoring.redis_unavailable", error=str(error))
                 await asyncio.sleep(1.0)
+
+    async def requeue_unscored(self, settle_seconds: float = _SETTLE_SECONDS) -> int:
+        """Queues again the finished attempts whose message was lost; the number queued."""
+        lost = await self._store.unscored_attempts(settle_seconds, limit=500)
+        for attempt in lost:
+            await self._redis.xadd(STREAM, {"attempt_id": attempt["attempt_id"], "org_id": attempt["org_id"]})
+        if lost:
+            _log.warning("scoring.requeued", attempts=len(lost))
+        return len(lost)
 
     async def process(self, block_ms: int) -> int:
         """Handles the entries waiting (reclaimed ones first); the number handled."""
