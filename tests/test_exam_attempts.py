@@ -306,3 +306,34 @@ async def test_an_attempt_whose_scoring_message_was_lost_is_queued_again(
     finally:
         await client.aclose()
         await pool.close()
+
+
+async def test_a_students_reports_page_newest_first(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> None:
+    async with _exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await _published_exam(people, exam)
+        student = await people.as_new_user("univ", org_id, "student")
+        finished = []
+        for _ in range(3):
+            started = (
+                await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+            ).attempt
+            await exam.FinishAttempt(pb.FinishAttemptRequest(attempt_id=started.id), metadata=student.metadata())
+            finished.append(started.id)
+        seen: list[str] = []
+        token = ""
+        for _ in range(50):
+            page = await exam.ListStudentReports(
+                pb.ListStudentReportsRequest(student_id=started.student_id, page_size=2, page_token=token),
+                metadata=teacher.metadata(),
+            )
+            seen += [report.attempt_id for report in page.reports]
+            token = page.next_page_token
+            if len(seen) == 3 and not token:
+                break
+            if not token:
+                await asyncio.sleep(0.1)  # the worker is still scoring: start over
+                seen = []
+        assert sorted(seen) == sorted(finished)
+        assert seen == list(reversed(finished))  # newest first

@@ -729,10 +729,24 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             raise InvalidArgument("student_id is required", [("student_id", "required")])
         await self._check_may_read_student(request.student_id)
         limit = paging.page_size(request.page_size, MAX_PAGE)
+        query = ["student_reports", request.student_id, request.exam_id]
+        position = paging.decode(request.page_token, query)
         scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(_person().zone_id)
-        rows = await self._attempts.reports(scope, student_id=request.student_id, attempt_id=None, limit=limit)
-        reports = [_report_message(row) for row in rows if not request.exam_id or row["exam_id"] == request.exam_id]
-        return pb.ListStudentReportsResponse(reports=reports)
+        rows = await self._attempts.reports(
+            scope,
+            student_id=request.student_id,
+            attempt_id=None,
+            exam_id=request.exam_id or None,
+            before=(str(position[0]), str(position[1])) if position and len(position) == 2 else None,
+            limit=limit + 1,
+        )
+        next_token = ""
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_token = paging.encode([last["report_time"].isoformat(), last["attempt_id"]], query)
+        return pb.ListStudentReportsResponse(
+            reports=[_report_message(row) for row in rows[:limit]], next_page_token=next_token
+        )
 
     async def GetAttemptReport(
         self,

@@ -713,8 +713,16 @@ class AttemptStore:
             )
 
     async def reports(
-        self, scope: TenantScope, *, student_id: str | None, attempt_id: str | None, limit: int
+        self,
+        scope: TenantScope,
+        *,
+        student_id: str | None,
+        attempt_id: str | None,
+        exam_id: str | None = None,
+        before: tuple[str, str] | None = None,
+        limit: int,
     ) -> list[asyncpg.Record]:
+        """Reports newest first; `before` is the (report time ISO, attempt id) of the previous page's last one."""
         async with tenant_transaction(self._pool, scope) as connection:
             return list(
                 await connection.fetch(
@@ -722,9 +730,14 @@ class AttemptStore:
                     "e.title AS exam_title FROM reports r JOIN attempts a USING (attempt_id) "
                     "JOIN exams e ON e.exam_id = r.exam_id "
                     "WHERE ($1::text IS NULL OR r.student_id = $1) AND ($2::text IS NULL OR r.attempt_id = $2) "
-                    "ORDER BY r.report_time DESC LIMIT $3",
+                    "AND ($3::text IS NULL OR r.exam_id = $3) "
+                    "AND ($4::timestamptz IS NULL OR (r.report_time, r.attempt_id) < ($4::timestamptz, $5::text)) "
+                    "ORDER BY r.report_time DESC, r.attempt_id DESC LIMIT $6",
                     student_id,
                     attempt_id,
+                    exam_id,
+                    None if before is None else datetime.fromisoformat(before[0]),
+                    None if before is None else before[1],
                     limit,
                 )
             )
