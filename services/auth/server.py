@@ -36,7 +36,7 @@ from services.auth.store import AuthStore, NewInvite, NewSession, NewUser, Rotat
 from services.auth.throttle import ClientFailures
 from services.runtime import paging
 from services.runtime.audit import Auditor, client_of
-from services.runtime.callcontext import current_caller, current_principal, current_zone
+from services.runtime.callcontext import current_caller, current_zone, require_principal
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
 from services.runtime.errors import (
@@ -78,13 +78,6 @@ def _request_zone() -> str:
             reason=ErrorReason.ERROR_REASON_UNKNOWN_ZONE,
         )
     return zone
-
-
-def _person() -> AccessClaims:
-    principal = current_principal()
-    if principal is None:  # the runtime authenticates every non-anonymous RPC before it gets here
-        raise Unauthenticated("sign in first", reason=ErrorReason.ERROR_REASON_TOKEN_MISSING)
-    return principal
 
 
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
@@ -143,8 +136,8 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
     async def _sign_in(
         self, user: asyncpg.Record, context: UnaryContext[Any, Any], *, mfa_verified: bool
-    ) -> tuple[str, str, str, asyncpg.Record]:
-        """Opens a session: (access token, refresh token, session id, session row)."""
+    ) -> dict[str, Any]:
+        """Opens a session; the token fields of the reply that signs the person in (see `_tokens`)."""
         address, agent = client_of(context)
         refresh_token = accounts.new_refresh_token()
         now = utcnow()
@@ -169,8 +162,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             {"ip_address": address, "user_agent": agent, "create_time": now.isoformat()},
             refresh_expire,
         )
-        access_token = self._access_token(user, session["session_id"])
-        return access_token, refresh_token, session["session_id"], session
+        return self._tokens(self._access_token(user, session["session_id"]), refresh_token, session["session_id"])
 
     def _tokens(self, access_token: str, refresh_token: str, session_id: str) -> dict[str, Any]:
         """The OAuth-style fields every reply that signs a person in carries at its top level."""
@@ -254,10 +246,10 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             user = await self._store.create_user_with_invite(new_user, accounts.invite_code_hash(request.invite_code))
         else:
             user = await self._store.create_user(new_user)
-        access, refresh, session_id, _ = await self._sign_in(user, context, mfa_verified=False)
+        tokens = await self._sign_in(user, context, mfa_verified=False)
         await self._audit_as(user, "register", "success", resource_type="user", resource_id=user["user_id"])
         return pb.RegisterResponse(
-            **self._tokens(access, refresh, session_id),
+            **tokens,
             user=self._user_message(user, with_personal_data=True),
         )
 
@@ -319,10 +311,10 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
                 ),
             )
         await self._store.record_login_success(zone_id, user["user_id"])
-        access, refresh, session_id, _ = await self._sign_in(user, context, mfa_verified=False)
-        await self._audit_as(user, "login", "success", resource_type="session", resource_id=session_id)
+        tokens = await self._sign_in(user, context, mfa_verified=False)
+        await self._audit_as(user, "login", "success", resource_type="session", resource_id=tokens["session_id"])
         return pb.LoginResponse(
-            **self._tokens(access, refresh, session_id),
+            **tokens,
             user=self._user_message(user, with_personal_data=True),
         )
 
@@ -373,7 +365,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def Logout(
         self, request: pb.LogoutRequest, context: UnaryContext[pb.LogoutRequest, pb.LogoutResponse]
     ) -> pb.LogoutResponse:
-        person = _person()
+        person = require_principal()
         scope = TenantScope.org(person.zone_id, person.org_id)
         ended = await self._store.revoke_sessions(
             scope, person.user_id, None if request.all_sessions else [person.session_id], "logout"
@@ -406,14 +398,14 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def GetMe(
         self, request: pb.GetMeRequest, context: UnaryContext[pb.GetMeRequest, pb.GetMeResponse]
     ) -> pb.GetMeResponse:
-        person = _person()
+        person = require_principal()
         row = await self._store.user(TenantScope.org(person.zone_id, person.org_id), person.user_id)
         return pb.GetMeResponse(user=self._user_message(row, with_personal_data=True))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: UnaryContext[pb.ListSessionsRequest, pb.ListSessionsResponse]
     ) -> pb.ListSessionsResponse:
-        person = _person()
+        person = require_principal()
         if request.user_id and request.user_id != person.user_id:
             raise NotImplementedError("listing another user's sessions")
         limit = paging.page_size(request.page_size, MAX_PAGE)
@@ -431,7 +423,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def RevokeSession(
         self, request: pb.RevokeSessionRequest, context: UnaryContext[pb.RevokeSessionRequest, pb.RevokeSessionResponse]
     ) -> pb.RevokeSessionResponse:
-        person = _person()
+        person = require_principal()
         if not request.session_id:
             raise InvalidArgument("session_id is required", [("session_id", "required")])
         scope = TenantScope.org(person.zone_id, person.org_id)
@@ -502,17 +494,17 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         user = await self._store.user(TenantScope.zone(zone_id), user_id)
         await self._check_may_sign_in(user)
         await self._store.record_login_success(zone_id, user_id)
-        access, refresh, session_id, _ = await self._sign_in(user, context, mfa_verified=True)
+        tokens = await self._sign_in(user, context, mfa_verified=True)
         await self._audit_as(
             user,
             "login",
             "success",
             resource_type="session",
-            resource_id=session_id,
+            resource_id=tokens["session_id"],
             details={"mfa": "recovery_code" if left is not None else "totp"},
         )
         return pb.VerifyMfaChallengeResponse(
-            **self._tokens(access, refresh, session_id),
+            **tokens,
             user=self._user_message(user, with_personal_data=True),
             recovery_codes_remaining=left if left is not None else state["recovery_codes_left"],
         )
@@ -520,7 +512,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def EnrollMfa(
         self, request: pb.EnrollMfaRequest, context: UnaryContext[pb.EnrollMfaRequest, pb.EnrollMfaResponse]
     ) -> pb.EnrollMfaResponse:
-        person = _person()
+        person = require_principal()
         state = await self._store.mfa_state(person.zone_id, person.user_id)
         if state["mfa_enabled"]:
             raise FailedPrecondition("MFA is on already", reason=ErrorReason.ERROR_REASON_MFA_ALREADY_ENABLED)
@@ -539,7 +531,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def ConfirmMfa(
         self, request: pb.ConfirmMfaRequest, context: UnaryContext[pb.ConfirmMfaRequest, pb.ConfirmMfaResponse]
     ) -> pb.ConfirmMfaResponse:
-        person = _person()
+        person = require_principal()
         state = await self._store.mfa_state(person.zone_id, person.user_id)
         if state["mfa_enabled"]:
             raise FailedPrecondition("MFA is on already", reason=ErrorReason.ERROR_REASON_MFA_ALREADY_ENABLED)
@@ -569,7 +561,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def DisableMfa(
         self, request: pb.DisableMfaRequest, context: UnaryContext[pb.DisableMfaRequest, pb.DisableMfaResponse]
     ) -> pb.DisableMfaResponse:
-        person = _person()
+        person = require_principal()
         state = await self._store.mfa_state(person.zone_id, person.user_id)
         if not state["mfa_enabled"]:
             raise FailedPrecondition("MFA is off", reason=ErrorReason.ERROR_REASON_MFA_NOT_ENABLED)
@@ -584,7 +576,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.RegenerateRecoveryCodesRequest,
         context: UnaryContext[pb.RegenerateRecoveryCodesRequest, pb.RegenerateRecoveryCodesResponse],
     ) -> pb.RegenerateRecoveryCodesResponse:
-        person = _person()
+        person = require_principal()
         state = await self._store.mfa_state(person.zone_id, person.user_id)
         if not state["mfa_enabled"]:
             raise FailedPrecondition("MFA is off", reason=ErrorReason.ERROR_REASON_MFA_NOT_ENABLED)
@@ -605,7 +597,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def UpdateMe(
         self, request: pb.UpdateMeRequest, context: UnaryContext[pb.UpdateMeRequest, pb.UpdateMeResponse]
     ) -> pb.UpdateMeResponse:
-        person = _person()
+        person = require_principal()
         paths = set(request.update_mask.paths) or {"name", "phone_number", "locale"}
         changes = self._profile_changes(request.user, paths, person.user_id, allowed=SELF_UPDATABLE)
         row = await self._store.update_user(_own_scope(person), person.user_id, changes)
@@ -636,7 +628,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.ChangePasswordRequest,
         context: UnaryContext[pb.ChangePasswordRequest, pb.ChangePasswordResponse],
     ) -> pb.ChangePasswordResponse:
-        person = _person()
+        person = require_principal()
         row = await self._store.user(_own_scope(person), person.user_id)
         if not await passwords.verify_password(request.current_password, row["password_hash"]):
             raise PermissionDenied("the current password is wrong", reason=ErrorReason.ERROR_REASON_INVALID_CREDENTIALS)
@@ -710,7 +702,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: UnaryContext[pb.ListUsersRequest, pb.ListUsersResponse]
     ) -> pb.ListUsersResponse:
-        person = _person()
+        person = require_principal()
         filters: dict[str, str] = {}
         if request.org_id:
             filters["org_id"] = request.org_id
@@ -738,7 +730,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def GetUser(
         self, request: pb.GetUserRequest, context: UnaryContext[pb.GetUserRequest, pb.GetUserResponse]
     ) -> pb.GetUserResponse:
-        person = _person()
+        person = require_principal()
         if not request.user_id:
             raise InvalidArgument("user_id is required", [("user_id", "required")])
         row = await self._store.user(_admin_scope(person), request.user_id)
@@ -747,7 +739,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: UnaryContext[pb.CreateUserRequest, pb.CreateUserResponse]
     ) -> pb.CreateUserResponse:
-        person = _person()
+        person = require_principal()
         role = self._grantable_role(person, request.user.role, "user.role")
         violations = Violations()
         email = accounts.check_email(violations, request.user.email, "user.email")
@@ -783,7 +775,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def UpdateUser(
         self, request: pb.UpdateUserRequest, context: UnaryContext[pb.UpdateUserRequest, pb.UpdateUserResponse]
     ) -> pb.UpdateUserResponse:
-        person = _person()
+        person = require_principal()
         target = await self._target_user(person, request.user_id)
         paths = set(request.update_mask.paths) or {"name", "phone_number", "locale"}
         changes = self._profile_changes(
@@ -843,7 +835,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.DeactivateUserRequest,
         context: UnaryContext[pb.DeactivateUserRequest, pb.DeactivateUserResponse],
     ) -> pb.DeactivateUserResponse:
-        person = _person()
+        person = require_principal()
         target = await self._target_user(person, request.user_id)
         if target["user_id"] == person.user_id:
             raise PermissionDenied("you cannot deactivate yourself", reason=ErrorReason.ERROR_REASON_ROLE_NOT_ALLOWED)
@@ -863,7 +855,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.ReactivateUserRequest,
         context: UnaryContext[pb.ReactivateUserRequest, pb.ReactivateUserResponse],
     ) -> pb.ReactivateUserResponse:
-        person = _person()
+        person = require_principal()
         target = await self._target_user(person, request.user_id)
         row = await self._store.update_user(_admin_scope(person), target["user_id"], {"status": "active"})
         await self._audit.record("reactivate", "success", resource_type="user", resource_id=target["user_id"])
@@ -874,7 +866,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.SetUserPasswordRequest,
         context: UnaryContext[pb.SetUserPasswordRequest, pb.SetUserPasswordResponse],
     ) -> pb.SetUserPasswordResponse:
-        person = _person()
+        person = require_principal()
         target = await self._target_user(person, request.user_id)
         passwords.check_password_policy(request.new_password, "new_password")
         new_hash = await passwords.hash_password(request.new_password, self._settings.bcrypt_cost)
@@ -891,7 +883,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.CreateInviteCodeRequest,
         context: UnaryContext[pb.CreateInviteCodeRequest, pb.CreateInviteCodeResponse],
     ) -> pb.CreateInviteCodeResponse:
-        person = _person()
+        person = require_principal()
         invite = request.invite_code
         role = self._grantable_role(person, invite.role, "invite_code.role")
         violations = Violations()
@@ -931,7 +923,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.ListInviteCodesRequest,
         context: UnaryContext[pb.ListInviteCodesRequest, pb.ListInviteCodesResponse],
     ) -> pb.ListInviteCodesResponse:
-        person = _person()
+        person = require_principal()
         limit = paging.page_size(request.page_size, MAX_PAGE)
         query = ["invite_codes", request.org_id]
         position = paging.decode(request.page_token, query)
@@ -948,7 +940,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.RevokeInviteCodeRequest,
         context: UnaryContext[pb.RevokeInviteCodeRequest, pb.RevokeInviteCodeResponse],
     ) -> pb.RevokeInviteCodeResponse:
-        person = _person()
+        person = require_principal()
         if not request.invite_code_id:
             raise InvalidArgument("invite_code_id is required", [("invite_code_id", "required")])
         row = await self._store.revoke_invite(_admin_scope(person), request.invite_code_id)
@@ -962,7 +954,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.RequestParentLinkRequest,
         context: UnaryContext[pb.RequestParentLinkRequest, pb.RequestParentLinkResponse],
     ) -> pb.RequestParentLinkResponse:
-        person = _person()
+        person = require_principal()
         if person.role != "parent":
             raise PermissionDenied("only parents link to students", reason=ErrorReason.ERROR_REASON_ROLE_NOT_ALLOWED)
         if not request.student_email.strip():
@@ -985,7 +977,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.ListParentLinksRequest,
         context: UnaryContext[pb.ListParentLinksRequest, pb.ListParentLinksResponse],
     ) -> pb.ListParentLinksResponse:
-        person = _person()
+        person = require_principal()
         parent_id = student_id = None
         if person.role == "parent":
             parent_id, scope = person.user_id, TenantScope.zone(person.zone_id)
@@ -1011,7 +1003,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         )
 
     async def _decide(self, parent_id: str, decision: str) -> asyncpg.Record:
-        person = _person()
+        person = require_principal()
         if person.role != "student":
             raise PermissionDenied("only the student decides", reason=ErrorReason.ERROR_REASON_ROLE_NOT_ALLOWED)
         if not parent_id:
@@ -1043,7 +1035,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def UnlinkParent(
         self, request: pb.UnlinkParentRequest, context: UnaryContext[pb.UnlinkParentRequest, pb.UnlinkParentResponse]
     ) -> pb.UnlinkParentResponse:
-        person = _person()
+        person = require_principal()
         if not request.link_id:
             raise InvalidArgument("link_id is required", [("link_id", "required")])
         row = await self._store.unlink(person.zone_id, request.link_id, person.user_id)
@@ -1084,7 +1076,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     async def ListAuditLogs(
         self, request: pb.ListAuditLogsRequest, context: UnaryContext[pb.ListAuditLogsRequest, pb.ListAuditLogsResponse]
     ) -> pb.ListAuditLogsResponse:
-        person = _person()
+        person = require_principal()
         violations = Violations()
         since = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
         until = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
@@ -1118,7 +1110,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         request: pb.VerifyAuditChainRequest,
         context: UnaryContext[pb.VerifyAuditChainRequest, pb.VerifyAuditChainResponse],
     ) -> pb.VerifyAuditChainResponse:
-        person = _person()
+        person = require_principal()
         zone_id = request.zone_id or person.zone_id
         if zone_id != person.zone_id and person.role != "super_admin":
             raise PermissionDenied("you audit only your zone", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE)

@@ -45,7 +45,7 @@ from services.exam.store import (
 from services.exam.worker import ScoringWorker
 from services.runtime import paging
 from services.runtime.audit import Auditor
-from services.runtime.callcontext import current_principal
+from services.runtime.callcontext import current_principal, require_principal
 from services.runtime.channels import ChannelFactory
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
@@ -56,7 +56,6 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unauthenticated,
     Violations,
 )
 from services.runtime.server import Dependencies, ServicerBinding
@@ -64,13 +63,6 @@ from services.runtime.tokens import AccessClaims
 
 MAX_PAGE = 500
 LEARNERS = frozenset({"student", "guest", "parent"})
-
-
-def _person() -> AccessClaims:
-    person = current_principal()
-    if person is None:
-        raise Unauthenticated("sign in first", reason=ErrorReason.ERROR_REASON_TOKEN_MISSING)
-    return person
 
 
 def _owner(person: AccessClaims) -> Owner:
@@ -189,7 +181,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def CreateItem(
         self, request: pb.CreateItemRequest, context: UnaryContext[pb.CreateItemRequest, pb.CreateItemResponse]
     ) -> pb.CreateItemResponse:
-        person = _person()
+        person = require_principal()
         violations = Violations()
         items.check_item(violations, request.item)
         violations.raise_if_any()
@@ -200,14 +192,14 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def GetItem(
         self, request: pb.GetItemRequest, context: UnaryContext[pb.GetItemRequest, pb.GetItemResponse]
     ) -> pb.GetItemResponse:
-        person = _person()
+        person = require_principal()
         _required(request.item_id, "item_id")
         return pb.GetItemResponse(item=await self._store.item(_staff_scope(person), request.item_id))
 
     async def ListItems(
         self, request: pb.ListItemsRequest, context: UnaryContext[pb.ListItemsRequest, pb.ListItemsResponse]
     ) -> pb.ListItemsResponse:
-        person = _person()
+        person = require_principal()
         filters: dict[str, str] = {}
         if request.content_area:
             filters["content_area"] = request.content_area
@@ -238,7 +230,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def UpdateItem(
         self, request: pb.UpdateItemRequest, context: UnaryContext[pb.UpdateItemRequest, pb.UpdateItemResponse]
     ) -> pb.UpdateItemResponse:
-        person = _person()
+        person = require_principal()
         _required(request.item_id, "item_id")
         current = await self._store.item(_own_org(person), request.item_id)
         paths = list(request.update_mask.paths) or [field.name for field, _ in request.item.ListFields()]
@@ -264,7 +256,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def DeleteItem(
         self, request: pb.DeleteItemRequest, context: UnaryContext[pb.DeleteItemRequest, pb.DeleteItemResponse]
     ) -> pb.DeleteItemResponse:
-        person = _person()
+        person = require_principal()
         _required(request.item_id, "item_id")
         await self._store.delete_item(_own_org(person), request.item_id)
         await self._audit.record("delete", "success", resource_type="item", resource_id=request.item_id)
@@ -273,7 +265,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def ImportItems(
         self, request: pb.ImportItemsRequest, context: UnaryContext[pb.ImportItemsRequest, pb.ImportItemsResponse]
     ) -> pb.ImportItemsResponse:
-        person = _person()
+        person = require_principal()
         formats = {pb.IMPORT_FORMAT_CSV: "csv", pb.IMPORT_FORMAT_JSON: "json"}
         if request.format not in formats:
             raise InvalidArgument("format is required", [("format", "IMPORT_FORMAT_CSV or IMPORT_FORMAT_JSON")])
@@ -308,7 +300,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def CreateExam(
         self, request: pb.CreateExamRequest, context: UnaryContext[pb.CreateExamRequest, pb.CreateExamResponse]
     ) -> pb.CreateExamResponse:
-        person = _person()
+        person = require_principal()
         exams.check_exam(request.exam)
         row = await self._store.create_exam(_owner(person), request.exam)
         await self._audit.record("create", "success", resource_type="exam", resource_id=row["exam_id"])
@@ -325,14 +317,14 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def GetExam(
         self, request: pb.GetExamRequest, context: UnaryContext[pb.GetExamRequest, pb.GetExamResponse]
     ) -> pb.GetExamResponse:
-        person = _person()
+        person = require_principal()
         row = await self._readable_exam(person, request.exam_id)
         return pb.GetExamResponse(exam=await self._exam_message(person, row))
 
     async def ListExams(
         self, request: pb.ListExamsRequest, context: UnaryContext[pb.ListExamsRequest, pb.ListExamsResponse]
     ) -> pb.ListExamsResponse:
-        person = _person()
+        person = require_principal()
         filters: dict[str, object] = {}
         if request.status:
             filters["status"] = EXAM_STATUSES.get(request.status, "")
@@ -364,7 +356,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def UpdateExam(
         self, request: pb.UpdateExamRequest, context: UnaryContext[pb.UpdateExamRequest, pb.UpdateExamResponse]
     ) -> pb.UpdateExamResponse:
-        person = _person()
+        person = require_principal()
         current = exam_message(await self._readable_exam(person, request.exam_id))
         if current.status != res.EXAM_STATUS_DRAFT:
             raise FailedPrecondition(
@@ -380,7 +372,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         return pb.UpdateExamResponse(exam=await self._exam_message(person, row))
 
     async def _transition(self, exam_id: str, target: str) -> asyncpg.Record:
-        person = _person()
+        person = require_principal()
         current = await self._readable_exam(person, exam_id)
         allowed = {"published": ("draft",), "archived": ("draft", "published")}[target]
         if current["status"] == target:
@@ -411,18 +403,18 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         self, request: pb.PublishExamRequest, context: UnaryContext[pb.PublishExamRequest, pb.PublishExamResponse]
     ) -> pb.PublishExamResponse:
         row = await self._transition(request.exam_id, "published")
-        return pb.PublishExamResponse(exam=await self._exam_message(_person(), row))
+        return pb.PublishExamResponse(exam=await self._exam_message(require_principal(), row))
 
     async def ArchiveExam(
         self, request: pb.ArchiveExamRequest, context: UnaryContext[pb.ArchiveExamRequest, pb.ArchiveExamResponse]
     ) -> pb.ArchiveExamResponse:
         row = await self._transition(request.exam_id, "archived")
-        return pb.ArchiveExamResponse(exam=await self._exam_message(_person(), row))
+        return pb.ArchiveExamResponse(exam=await self._exam_message(require_principal(), row))
 
     async def DeleteExam(
         self, request: pb.DeleteExamRequest, context: UnaryContext[pb.DeleteExamRequest, pb.DeleteExamResponse]
     ) -> pb.DeleteExamResponse:
-        person = _person()
+        person = require_principal()
         _required(request.exam_id, "exam_id")
         try:
             await self._store.delete_exam(_staff_scope(person), request.exam_id)
@@ -496,7 +488,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def StartAttempt(
         self, request: pb.StartAttemptRequest, context: UnaryContext[pb.StartAttemptRequest, pb.StartAttemptResponse]
     ) -> pb.StartAttemptResponse:
-        person = _person()
+        person = require_principal()
         exam_row = await self._readable_exam(person, request.exam_id)
         exam = exam_message(exam_row)
         if exam.status != res.EXAM_STATUS_PUBLISHED or not _open_now(exam):
@@ -562,7 +554,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def SubmitAnswer(
         self, request: pb.SubmitAnswerRequest, context: UnaryContext[pb.SubmitAnswerRequest, pb.SubmitAnswerResponse]
     ) -> pb.SubmitAnswerResponse:
-        person = _person()
+        person = require_principal()
         _required(request.item_id, "item_id")
         attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
         if attempt["student_id"] != person.user_id:
@@ -668,7 +660,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def FinishAttempt(
         self, request: pb.FinishAttemptRequest, context: UnaryContext[pb.FinishAttemptRequest, pb.FinishAttemptResponse]
     ) -> pb.FinishAttemptResponse:
-        person = _person()
+        person = require_principal()
         attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
         if attempt["student_id"] != person.user_id:
             raise PermissionDenied(
@@ -683,7 +675,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     async def GetAttempt(
         self, request: pb.GetAttemptRequest, context: UnaryContext[pb.GetAttemptRequest, pb.GetAttemptResponse]
     ) -> pb.GetAttemptResponse:
-        person = _person()
+        person = require_principal()
         attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
         if attempt["student_id"] != person.user_id:
             await self._check_may_read_student(attempt["student_id"])
@@ -731,7 +723,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         limit = paging.page_size(request.page_size, MAX_PAGE)
         query = ["student_reports", request.student_id, request.exam_id]
         position = paging.decode(request.page_token, query)
-        scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(_person().zone_id)
+        scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(require_principal().zone_id)
         rows = await self._attempts.reports(
             scope,
             student_id=request.student_id,
@@ -753,7 +745,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         request: pb.GetAttemptReportRequest,
         context: UnaryContext[pb.GetAttemptReportRequest, pb.GetAttemptReportResponse],
     ) -> pb.GetAttemptReportResponse:
-        person = _person()
+        person = require_principal()
         attempt, _, _ = await self._attempt_and_bank(person, request.attempt_id)
         if attempt["student_id"] != person.user_id:
             await self._check_may_read_student(attempt["student_id"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from services.runtime.errors import ErrorReason, Unauthenticated
 from services.runtime.tokens import AccessClaims
 
 
@@ -95,3 +96,12 @@ def current_zone() -> str:
     """The zone of the request's host, as the edge resolved it ('' when the call carries none)."""
     call = current.get()
     return call.zone if call else ""
+
+
+def require_principal() -> AccessClaims:
+    """The signed-in person of the call. The runtime authenticates every RPC whose contract wants a person before
+    its handler runs, so this raises only for a handler that is not declared so."""
+    principal = current_principal()
+    if principal is None:
+        raise Unauthenticated("sign in first", reason=ErrorReason.ERROR_REASON_TOKEN_MISSING)
+    return principal

@@ -15,11 +15,11 @@ from megacity.tenant.v1 import tenant_service_pb2 as pb
 from megacity.tenant.v1 import tenant_service_pb2_grpc
 from services.runtime import paging
 from services.runtime.audit import Auditor
-from services.runtime.callcontext import current_principal
+from services.runtime.callcontext import require_principal
 from services.runtime.channels import ChannelFactory
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
-from services.runtime.errors import ErrorReason, InvalidArgument, NotFound, Unauthenticated, Violations
+from services.runtime.errors import ErrorReason, InvalidArgument, NotFound, Violations
 from services.runtime.server import Dependencies, ServicerBinding
 from services.tenant import zones
 from services.tenant.store import TenantStore
@@ -28,9 +28,7 @@ MAX_PAGE = 1000
 
 
 def _actor() -> zones.Actor:
-    principal = current_principal()
-    if principal is None:
-        raise Unauthenticated("sign in first", reason=ErrorReason.ERROR_REASON_TOKEN_MISSING)
+    principal = require_principal()
     return zones.Actor(role=principal.role, zone_id=principal.zone_id, org_id=principal.org_id)
 
 
