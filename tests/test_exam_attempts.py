@@ -4,8 +4,6 @@ losing the CAT state in Redis, an exam service restart mid-attempt, and who may 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -14,69 +12,21 @@ import pytest
 from redis.asyncio import Redis
 
 from megacity.exam.v1 import exam_service_pb2 as pb
-from megacity.exam.v1 import exam_service_pb2_grpc
 from megacity.exam.v1 import resources_pb2 as res
-from megacity.tenant.v1 import resources_pb2 as tenant_resources
-from megacity.tenant.v1 import tenant_service_pb2 as tenant_pb
 from ops.embedded import EmbeddedRedis
 from services.exam.bank import state_key
 from services.exam.store import AttemptStore
 from services.exam.worker import DEAD_LETTER, GROUP, STREAM, ScoringWorker
 from services.runtime.database import create_pool
-from tests.support.accounts import Caller, People, reason
-from tests.support.mesh import channel_as, make_config, mesh_catalog, running
-
-ITEMS = "\n".join(
-    [
-        "external_id,content_area,item_type,stem,choices,answer,model,a,b,c,status",
-        *(
-            f"q{n},{('algebra', 'geometry', 'reading')[n % 3]},single_choice,Question {n},A=right|B=wrong,A,3PL,"
-            f"{1.0 + (n % 5) / 5},{(n % 13) / 2 - 3},0.15,active"
-            for n in range(60)
-        ),
-    ]
-)
-
-
-@asynccontextmanager
-async def _exam_service(
-    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
-) -> AsyncIterator[exam_service_pb2_grpc.ExamServiceStub]:
-    config = make_config(
-        mesh_catalog(), "exam", people.pki_dir, database_url=identity_database["exam"], redis_url=redis.url
-    )
-    async with running(config) as service, channel_as("edge", service, people.pki_dir) as channel:
-        yield exam_service_pb2_grpc.ExamServiceStub(channel)
-
-
-async def _published_exam(people: People, exam: exam_service_pb2_grpc.ExamServiceStub) -> tuple[str, str, Caller]:
-    zone_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
-    org = (
-        await people.tenant.CreateOrganization(
-            tenant_pb.CreateOrganizationRequest(organization=tenant_resources.Organization(name="Academy")),
-            metadata=zone_admin.metadata(),
-        )
-    ).organization
-    teacher = await people.as_new_user("univ", org.id, "teacher")
-    await exam.ImportItems(
-        pb.ImportItemsRequest(format=pb.IMPORT_FORMAT_CSV, content=ITEMS), metadata=teacher.metadata()
-    )
-    config = res.AdaptiveConfig(min_items=5, max_items=8, standard_error_target=0.2)
-    created = await exam.CreateExam(
-        pb.CreateExamRequest(
-            exam=res.Exam(title="Mock", adaptive=config, show_estimates=True, show_item_feedback=True)
-        ),
-        metadata=teacher.metadata(),
-    )
-    await exam.PublishExam(pb.PublishExamRequest(exam_id=created.exam.id), metadata=teacher.metadata())
-    return org.id, created.exam.id, teacher
+from tests.support.accounts import People, reason
+from tests.support.exams import exam_service, published_exam
 
 
 async def test_an_attempt_survives_retries_state_loss_and_a_restart(
     people: People, identity_database: dict[str, str], redis: EmbeddedRedis
 ) -> None:
-    async with _exam_service(people, identity_database, redis) as exam:
-        org_id, exam_id, teacher = await _published_exam(people, exam)
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await published_exam(people, exam)
         student = await people.as_new_user("univ", org_id, "student")
         started = (
             await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
@@ -126,7 +76,7 @@ async def test_an_attempt_survives_retries_state_loss_and_a_restart(
         next_item = second.next_item.item_id
 
     # The exam service restarts mid-attempt: nothing answered is lost, the attempt goes on.
-    async with _exam_service(people, identity_database, redis) as exam:
+    async with exam_service(people, identity_database, redis) as exam:
         reply = second
         answered = 2
         while not reply.finished:
@@ -166,8 +116,8 @@ async def test_an_attempt_survives_retries_state_loss_and_a_restart(
 async def test_a_student_finishes_early_once(
     people: People, identity_database: dict[str, str], redis: EmbeddedRedis
 ) -> None:
-    async with _exam_service(people, identity_database, redis) as exam:
-        org_id, exam_id, _ = await _published_exam(people, exam)
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, _ = await published_exam(people, exam)
         student = await people.as_new_user("univ", org_id, "student")
         started = (
             await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
@@ -195,8 +145,8 @@ async def test_a_student_finishes_early_once(
 async def test_a_finished_attempt_is_scored_and_reported(
     people: People, identity_database: dict[str, str], redis: EmbeddedRedis
 ) -> None:
-    async with _exam_service(people, identity_database, redis) as exam:
-        org_id, exam_id, teacher = await _published_exam(people, exam)
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await published_exam(people, exam)
         student = await people.as_new_user("univ", org_id, "student")
         started = (
             await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
@@ -254,22 +204,25 @@ async def test_an_attempt_that_cannot_be_scored_ends_in_the_dead_letter_stream(
 async def test_an_answer_after_the_time_limit_ends_the_attempt(
     people: People, identity_database: dict[str, str], redis: EmbeddedRedis, fresh_database: str
 ) -> None:
-    async with _exam_service(people, identity_database, redis) as exam:
-        org_id, exam_id, _ = await _published_exam(people, exam)
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, _ = await published_exam(people, exam)
         student = await people.as_new_user("univ", org_id, "student")
         started = (
-            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
+            await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata(), timeout=30)
         ).attempt
-        connection = await asyncpg.connect(fresh_database)  # the clock runs out (as the database's owner)
+        connection = await asyncpg.connect(fresh_database, timeout=30)  # the clock runs out (as the owner)
         try:
             await connection.execute(
-                "UPDATE exam.attempts SET deadline_time = now() - interval '1 second' WHERE attempt_id = $1", started.id
+                "UPDATE exam.attempts SET deadline_time = now() - interval '1 second' WHERE attempt_id = $1",
+                started.id,
+                timeout=30,
             )
         finally:
             await connection.close()
         late = await exam.SubmitAnswer(
             pb.SubmitAnswerRequest(attempt_id=started.id, item_id=started.current_item.item_id, response="A"),
             metadata=student.metadata(),
+            timeout=30,
         )
         assert (late.finished, late.items_answered, late.stop_reason) == (True, 0, res.STOP_REASON_TIME_LIMIT)
         assert not late.HasField("correct")
@@ -278,8 +231,8 @@ async def test_an_answer_after_the_time_limit_ends_the_attempt(
 async def test_an_attempt_whose_scoring_message_was_lost_is_queued_again(
     people: People, identity_database: dict[str, str], redis: EmbeddedRedis, fresh_database: str
 ) -> None:
-    async with _exam_service(people, identity_database, redis) as exam:
-        org_id, exam_id, _ = await _published_exam(people, exam)
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, _ = await published_exam(people, exam)
         student = await people.as_new_user("univ", org_id, "student")
         started = (
             await exam.StartAttempt(pb.StartAttemptRequest(exam_id=exam_id), metadata=student.metadata())
@@ -311,8 +264,8 @@ async def test_an_attempt_whose_scoring_message_was_lost_is_queued_again(
 async def test_a_students_reports_page_newest_first(
     people: People, identity_database: dict[str, str], redis: EmbeddedRedis
 ) -> None:
-    async with _exam_service(people, identity_database, redis) as exam:
-        org_id, exam_id, teacher = await _published_exam(people, exam)
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await published_exam(people, exam)
         student = await people.as_new_user("univ", org_id, "student")
         finished = []
         for _ in range(3):

@@ -15,7 +15,6 @@ from contextlib import AsyncExitStack
 import grpc
 import pytest
 from google.protobuf import message_factory
-from google.protobuf.message import Message
 
 from ops.embedded import EmbeddedRedis
 from services.runtime.catalog import load_catalog
@@ -23,7 +22,7 @@ from services.runtime.contracts import MethodInfo, default_pool, service_methods
 from services.runtime.permissions import ROLE_PERMISSIONS, grants
 from services.runtime.server import Service
 from tests.support.accounts import Caller, People, reason
-from tests.support.mesh import channel_as, make_config, running
+from tests.support.mesh import channel_as, make_config, running, serialize
 
 PEOPLE_SERVICES = ("auth", "tenant", "exam", "tutor", "kzone", "jobs")
 # Calls that would end the role's own session (and so every later call of the matrix).
@@ -76,7 +75,7 @@ async def test_every_role_against_every_public_rpc(people: People, others: dict[
             descriptor = default_pool().FindMethodByName(f"{method.service}.{method.name}")
             request = message_factory.GetMessageClass(descriptor.input_type)()
             call = channels[name].unary_unary(
-                method.path, request_serializer=Message.SerializeToString, response_deserializer=lambda raw: raw
+                method.path, request_serializer=serialize, response_deserializer=lambda raw: raw
             )
             assert method.access is not None
             for role, caller in callers.items():

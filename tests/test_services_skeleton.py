@@ -19,7 +19,7 @@ from services.runtime.catalog import load_catalog
 from services.runtime.contracts import default_pool, service_methods
 from services.runtime.errors import error_info, status_from_error
 from services.runtime.policy import MethodPolicy, resolve_rules
-from tests.support.mesh import channel_as, make_config, running
+from tests.support.mesh import channel_as, make_config, running, serialize
 
 CATALOG = load_catalog()
 
@@ -56,9 +56,7 @@ async def test_service_serves_its_contract(
             health = await health_pb2_grpc.HealthStub(ops).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         async with channel_as(caller, service, pki_dir) as channel:
-            call = channel.unary_unary(
-                path, request_serializer=Message.SerializeToString, response_deserializer=lambda raw: raw
-            )
+            call = channel.unary_unary(path, request_serializer=serialize, response_deserializer=lambda raw: raw)
             with pytest.raises(grpc.aio.AioRpcError) as answer:
                 await call(request_class(), timeout=5)
     info = error_info(status_from_error(answer.value))

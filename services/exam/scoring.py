@@ -11,11 +11,20 @@ from megacity.exam.v1 import resources_pb2 as res
 DEFAULT_SCALE = res.ScoreScale(mean=500, sd=100, min=200, max=800)
 
 
+def _effective(scale: res.ScoreScale) -> res.ScoreScale:
+    return scale if scale.sd > 0 else DEFAULT_SCALE
+
+
 def scaled_score(theta: float, scale: res.ScoreScale) -> float:
     """mean + sd * theta, rounded, clamped to [min, max]; the exam's scale, or 500 ± 100 in [200, 800]."""
-    if scale.sd <= 0:
-        scale = DEFAULT_SCALE
+    scale = _effective(scale)
     return float(min(max(round(scale.mean + scale.sd * theta), scale.min), scale.max))
+
+
+def scale_bounds(scale: res.ScoreScale) -> tuple[float, float]:
+    """The lowest and highest scaled score the exam reports."""
+    scale = _effective(scale)
+    return scale.min, scale.max
 
 
 def percentile(theta: float, others: Sequence[float]) -> float:

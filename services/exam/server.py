@@ -1,13 +1,14 @@
 """The exam service: item bank, computerized adaptive testing, attempts, scoring, reports and calibration.
 
 Thin: validates (services/exam/items.py, exams.py), decides scope, and reads and writes through
-services/exam/store.py. Built so far: the item bank (authoring, import) and exams, and the access rule of
-students' reports; attempts, scoring, reports, dashboards and calibration answer UNIMPLEMENTED (reason
-NOT_IMPLEMENTED) until they land.
+services/exam/store.py. The CAT engine is services/exam/cat.py, scoring runs in services/exam/worker.py, the
+aggregates of statistics and dashboards are services/exam/analytics.py.
 
 Scope: items and exams belong to their author's organisation. Teachers and org admins work in their
 organisation, zone admins see their zone's exams, super admins everything; students and guests see published
-exams of their organisation and public ones of their zone.
+exams of their organisation and public ones of their zone. Results (attempts, reports, dashboards): learners
+read their own, parents an approved child's, teachers and org admins their organisation's
+(services/exam/access.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from megacity.exam.v1 import exam_service_pb2 as pb
 from megacity.exam.v1 import exam_service_pb2_grpc
 from megacity.exam.v1 import resources_pb2 as res
+from services.exam import analytics, cat, exams, items
 from services.exam import bank as bank_module
-from services.exam import cat, exams, items
 from services.exam.access import may_read_student_results
 from services.exam.bank import LoadedBank
 from services.exam.store import (
@@ -38,6 +39,7 @@ from services.exam.store import (
     ExamStore,
     FailedToDelete,
     Owner,
+    Period,
     exam_columns,
     exam_message,
     json_loads,
@@ -58,10 +60,12 @@ from services.runtime.errors import (
     PermissionDenied,
     Violations,
 )
+from services.runtime.permissions import grants
 from services.runtime.server import Dependencies, ServicerBinding
 from services.runtime.tokens import AccessClaims
 
 MAX_PAGE = 500
+DASHBOARD_HISTORY = 100
 LEARNERS = frozenset({"student", "guest", "parent"})
 
 
@@ -138,6 +142,37 @@ def _report_message(row: asyncpg.Record) -> res.Report:
         if row[field] is not None:
             getattr(report, field).FromDatetime(row[field])
     return report
+
+
+def _period(request: pb.ListReportsRequest | pb.GetExamStatisticsRequest | pb.GetDashboardRequest) -> Period:
+    """A request's [start_time, end_time) filter; either end may be unset."""
+    bounds = (
+        request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
+        request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
+    )
+    if bounds[0] is not None and bounds[1] is not None and bounds[1] <= bounds[0]:
+        raise InvalidArgument("end_time must come after start_time", [("end_time", "after start_time")])
+    return bounds
+
+
+def _attempt_summary(row: asyncpg.Record) -> res.Attempt:
+    """An attempt as lists show it: its state, without the current item and responses."""
+    summary = res.Attempt(
+        id=row["attempt_id"],
+        exam_id=row["exam_id"],
+        exam_title=row["exam_title"],
+        zone_id=row["zone_id"],
+        org_id=row["org_id"],
+        student_id=row["student_id"],
+        status=ATTEMPT_STATUS_VALUES[row["status"]],
+        items_answered=row["current_position"] - 1,
+        stop_reason=STOP_REASON_VALUES.get(row["stop_reason"], res.STOP_REASON_UNSPECIFIED),
+        parameter_version=row["parameter_version"],
+    )
+    for field in ("start_time", "deadline_time", "finish_time"):
+        if row[field] is not None:
+            getattr(summary, field).FromDatetime(row[field])
+    return summary
 
 
 def _open_now(exam: res.Exam) -> bool:
@@ -450,18 +485,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     def _attempt_message(
         self, attempt: asyncpg.Record, bank: LoadedBank, show: bool, answers: list[Answer] | None = None
     ) -> res.Attempt:
-        message = res.Attempt(
-            id=attempt["attempt_id"],
-            exam_id=attempt["exam_id"],
-            exam_title=attempt["exam_title"],
-            zone_id=attempt["zone_id"],
-            org_id=attempt["org_id"],
-            student_id=attempt["student_id"],
-            status=ATTEMPT_STATUS_VALUES[attempt["status"]],
-            items_answered=attempt["current_position"] - 1,
-            stop_reason=STOP_REASON_VALUES.get(attempt["stop_reason"], res.STOP_REASON_UNSPECIFIED),
-            parameter_version=attempt["parameter_version"],
-        )
+        message = _attempt_summary(attempt)
         served = self._served(
             bank, attempt["current_item_id"], attempt["current_position"], attempt["current_serve_time"]
         )
@@ -470,9 +494,6 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         if show and attempt["theta"] is not None:
             message.theta = attempt["theta"]
             message.standard_error = attempt["standard_error"]
-        for field in ("start_time", "deadline_time", "finish_time"):
-            if attempt[field] is not None:
-                getattr(message, field).FromDatetime(attempt[field])
         for answer in answers or ():
             message.responses.add(
                 item_id=answer.item_id,
@@ -712,23 +733,42 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 "you may not read this student's results", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE
             )
 
-    async def ListStudentReports(
+    async def _readable_results(self, student_id: str) -> tuple[TenantScope, str | None]:
+        """The scope and student filter of a caller's lists of attempts, reports and dashboards: learners their
+        own, parents an approved child's, staff their organisation's (zone admins their zone's)."""
+        person = require_principal()
+        if person.role in ("student", "guest"):
+            if student_id and student_id != person.user_id:
+                raise PermissionDenied("students read their own results", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE)
+            # A student's attempts of public exams belong to the exams' organisations: the zone is the scope.
+            return TenantScope.zone(person.zone_id), person.user_id
+        if person.role == "parent":
+            _required(student_id, "student_id")
+        if student_id:
+            await self._check_may_read_student(student_id)
+        if person.role == "parent":
+            return TenantScope.zone(person.zone_id), student_id
+        return _staff_scope(person), student_id or None
+
+    async def _report_page(
         self,
-        request: pb.ListStudentReportsRequest,
-        context: UnaryContext[pb.ListStudentReportsRequest, pb.ListStudentReportsResponse],
-    ) -> pb.ListStudentReportsResponse:
-        if not request.student_id:
-            raise InvalidArgument("student_id is required", [("student_id", "required")])
-        await self._check_may_read_student(request.student_id)
-        limit = paging.page_size(request.page_size, MAX_PAGE)
-        query = ["student_reports", request.student_id, request.exam_id]
-        position = paging.decode(request.page_token, query)
-        scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(require_principal().zone_id)
+        scope: TenantScope,
+        query: list[str],
+        page_size: int,
+        page_token: str,
+        *,
+        student_id: str | None,
+        exam_id: str | None,
+        finished: Period = (None, None),
+    ) -> tuple[list[res.Report], str]:
+        limit = paging.page_size(page_size, MAX_PAGE)
+        position = paging.decode(page_token, query)
         rows = await self._attempts.reports(
             scope,
-            student_id=request.student_id,
+            student_id=student_id,
             attempt_id=None,
-            exam_id=request.exam_id or None,
+            exam_id=exam_id,
+            finished=finished,
             before=(str(position[0]), str(position[1])) if position and len(position) == 2 else None,
             limit=limit + 1,
         )
@@ -736,8 +776,127 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         if len(rows) > limit:
             last = rows[limit - 1]
             next_token = paging.encode([last["report_time"].isoformat(), last["attempt_id"]], query)
-        return pb.ListStudentReportsResponse(
-            reports=[_report_message(row) for row in rows[:limit]], next_page_token=next_token
+        return [_report_message(row) for row in rows[:limit]], next_token
+
+    async def ListStudentReports(
+        self,
+        request: pb.ListStudentReportsRequest,
+        context: UnaryContext[pb.ListStudentReportsRequest, pb.ListStudentReportsResponse],
+    ) -> pb.ListStudentReportsResponse:
+        _required(request.student_id, "student_id")
+        await self._check_may_read_student(request.student_id)
+        scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(require_principal().zone_id)
+        reports, next_token = await self._report_page(
+            scope,
+            ["student_reports", request.student_id, request.exam_id],
+            request.page_size,
+            request.page_token,
+            student_id=request.student_id,
+            exam_id=request.exam_id or None,
+        )
+        return pb.ListStudentReportsResponse(reports=reports, next_page_token=next_token)
+
+    async def ListReports(
+        self, request: pb.ListReportsRequest, context: UnaryContext[pb.ListReportsRequest, pb.ListReportsResponse]
+    ) -> pb.ListReportsResponse:
+        person = require_principal()
+        if person.role not in ("student", "guest") and not grants(person.permissions, "report:read"):
+            raise PermissionDenied("reading reports needs report:read", metadata={"permission": "report:read"})
+        finished = _period(request)
+        scope, student_id = await self._readable_results(request.student_id)
+        query = ["reports", request.exam_id, student_id or "", *(str(bound) for bound in finished)]
+        reports, next_token = await self._report_page(
+            scope,
+            query,
+            request.page_size,
+            request.page_token,
+            student_id=student_id,
+            exam_id=request.exam_id or None,
+            finished=finished,
+        )
+        return pb.ListReportsResponse(reports=reports, next_page_token=next_token)
+
+    async def ListAttempts(
+        self, request: pb.ListAttemptsRequest, context: UnaryContext[pb.ListAttemptsRequest, pb.ListAttemptsResponse]
+    ) -> pb.ListAttemptsResponse:
+        status = next((name for name, value in ATTEMPT_STATUS_VALUES.items() if value == request.status), None)
+        if request.status and status is None:
+            raise InvalidArgument("unknown attempt status", [("status", "unknown value")])
+        scope, student_id = await self._readable_results(request.student_id)
+        limit = paging.page_size(request.page_size, MAX_PAGE)
+        query = ["attempts", request.exam_id, student_id or "", status or ""]
+        position = paging.decode(request.page_token, query)
+        rows, total = await self._attempts.attempts(
+            scope,
+            exam_id=request.exam_id or None,
+            student_id=student_id,
+            status=status,
+            before=(str(position[0]), str(position[1])) if position and len(position) == 2 else None,
+            limit=limit + 1,
+        )
+        next_token = ""
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_token = paging.encode([last["start_time"].isoformat(), last["attempt_id"]], query)
+        return pb.ListAttemptsResponse(
+            attempts=[_attempt_summary(row) for row in rows[:limit]], next_page_token=next_token, total_size=total
+        )
+
+    async def GetExamStatistics(
+        self,
+        request: pb.GetExamStatisticsRequest,
+        context: UnaryContext[pb.GetExamStatisticsRequest, pb.GetExamStatisticsResponse],
+    ) -> pb.GetExamStatisticsResponse:
+        person = require_principal()
+        _required(request.exam_id, "exam_id")
+        started = _period(request)
+        scope = _staff_scope(person)
+        await self._store.exam(scope, request.exam_id)  # NOT_FOUND outside the caller's scope
+        figures = await self._attempts.exam_figures(scope, request.exam_id, started)
+        if not figures:
+            return pb.GetExamStatisticsResponse(aggregate=res.ExamAggregate(exam_id=request.exam_id))
+        return pb.GetExamStatisticsResponse(
+            aggregate=analytics.exam_aggregate(figures[0]),
+            item_exposures=analytics.item_exposures(figures[0]),
+            content_area_proportions=analytics.content_area_proportions(figures[0]),
+        )
+
+    async def GetDashboard(
+        self, request: pb.GetDashboardRequest, context: UnaryContext[pb.GetDashboardRequest, pb.GetDashboardResponse]
+    ) -> pb.GetDashboardResponse:
+        person = require_principal()
+        started = _period(request)
+        if request.student_id or person.role in LEARNERS:
+            scope, student_id = await self._readable_results(request.student_id)
+            assert student_id is not None
+            return pb.GetDashboardResponse(student=await self._student_dashboard(scope, student_id, request, started))
+        figures = await self._attempts.exam_figures(_staff_scope(person), request.exam_id or None, started)
+        return pb.GetDashboardResponse(
+            teacher=res.TeacherDashboard(
+                org_id=person.org_id if person.role in ("teacher", "org_admin") else "",
+                exams=[analytics.exam_aggregate(exam) for exam in figures],
+            )
+        )
+
+    async def _student_dashboard(
+        self, scope: TenantScope, student_id: str, request: pb.GetDashboardRequest, started: Period
+    ) -> res.StudentDashboard:
+        exam_id = request.exam_id or None
+        attempts_started, attempts_finished = await self._attempts.started_and_finished(
+            scope, student_id, exam_id, started
+        )
+        in_progress, _ = await self._attempts.attempts(
+            scope, exam_id=exam_id, student_id=student_id, status="in_progress", before=None, limit=MAX_PAGE
+        )
+        history = await self._attempts.reports(
+            scope, student_id=student_id, attempt_id=None, exam_id=exam_id, finished=started, limit=DASHBOARD_HISTORY
+        )
+        return res.StudentDashboard(
+            student_id=student_id,
+            attempts_started=attempts_started,
+            attempts_finished=attempts_finished,
+            in_progress=[_attempt_summary(row) for row in in_progress],
+            history=[_report_message(row) for row in history],
         )
 
     async def GetAttemptReport(

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 
 from megacity.exam.v1 import resources_pb2 as res
 from services.exam import items as item_rules
+from services.exam.analytics import ExamFigures, ScoredAttempt
 from services.runtime.database import TenantScope, tenant_transaction
 from services.runtime.errors import AlreadyExists, ErrorReason, NotFound
 
@@ -36,6 +37,8 @@ _EXAM_COLUMNS = """
     time_limit_seconds, show_estimates, show_item_feedback, open_time, close_time, max_attempts_per_student,
     creator_id, create_time, update_time, publish_time
 """
+# A time range [start, end): either end may be open (None).
+Period = tuple[datetime | None, datetime | None]
 ITEM_FILTERS = frozenset({"content_area", "status", "item_type"})
 EXAM_UPDATABLE = frozenset(
     {
@@ -719,10 +722,12 @@ class AttemptStore:
         student_id: str | None,
         attempt_id: str | None,
         exam_id: str | None = None,
+        finished: Period = (None, None),
         before: tuple[str, str] | None = None,
         limit: int,
     ) -> list[asyncpg.Record]:
-        """Reports newest first; `before` is the (report time ISO, attempt id) of the previous page's last one."""
+        """Reports newest first; `before` is the (report time ISO, attempt id) of the previous page's last one;
+        `finished` bounds the attempts' finish time."""
         async with tenant_transaction(self._pool, scope) as connection:
             return list(
                 await connection.fetch(
@@ -732,6 +737,8 @@ class AttemptStore:
                     "WHERE ($1::text IS NULL OR r.student_id = $1) AND ($2::text IS NULL OR r.attempt_id = $2) "
                     "AND ($3::text IS NULL OR r.exam_id = $3) "
                     "AND ($4::timestamptz IS NULL OR (r.report_time, r.attempt_id) < ($4::timestamptz, $5::text)) "
+                    "AND ($7::timestamptz IS NULL OR a.finish_time >= $7) "
+                    "AND ($8::timestamptz IS NULL OR a.finish_time < $8) "
                     "ORDER BY r.report_time DESC, r.attempt_id DESC LIMIT $6",
                     student_id,
                     attempt_id,
@@ -739,8 +746,114 @@ class AttemptStore:
                     None if before is None else datetime.fromisoformat(before[0]),
                     None if before is None else before[1],
                     limit,
+                    *finished,
                 )
             )
+
+    async def attempts(
+        self,
+        scope: TenantScope,
+        *,
+        exam_id: str | None,
+        student_id: str | None,
+        status: str | None,
+        before: tuple[str, str] | None,
+        limit: int,
+    ) -> tuple[list[asyncpg.Record], int]:
+        """Attempts newest first (`before`: the previous page's last (start time ISO, attempt id)), and how many
+        match the filters across all pages."""
+        filters = (
+            "($1::text IS NULL OR a.exam_id = $1) AND ($2::text IS NULL OR a.student_id = $2) "
+            "AND ($3::text IS NULL OR a.status = $3)"
+        )
+        async with tenant_transaction(self._pool, scope) as connection:
+            rows = await connection.fetch(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts a JOIN exams e USING (exam_id) WHERE {filters} "
+                "AND ($4::timestamptz IS NULL OR (a.start_time, a.attempt_id) < ($4::timestamptz, $5::text)) "
+                "ORDER BY a.start_time DESC, a.attempt_id DESC LIMIT $6",
+                exam_id,
+                student_id,
+                status,
+                None if before is None else datetime.fromisoformat(before[0]),
+                None if before is None else before[1],
+                limit,
+            )
+            total = await connection.fetchval(
+                f"SELECT count(*) FROM attempts a WHERE {filters}", exam_id, student_id, status
+            )
+        return list(rows), int(total)
+
+    async def started_and_finished(
+        self, scope: TenantScope, student_id: str, exam_id: str | None, started: Period
+    ) -> tuple[int, int]:
+        """How many attempts a student started in the period, and how many of those ended."""
+        async with tenant_transaction(self._pool, scope) as connection:
+            row = await connection.fetchrow(
+                "SELECT count(*) AS started, count(*) FILTER (WHERE status <> 'in_progress') AS ended "
+                "FROM attempts WHERE student_id = $1 AND ($2::text IS NULL OR exam_id = $2) "
+                "AND ($3::timestamptz IS NULL OR start_time >= $3) AND ($4::timestamptz IS NULL OR start_time < $4)",
+                student_id,
+                exam_id,
+                *started,
+            )
+        assert row is not None
+        return int(row["started"]), int(row["ended"])
+
+    async def exam_figures(self, scope: TenantScope, exam_id: str | None, started: Period) -> list[ExamFigures]:
+        """The figures of every exam (or one) with attempts started in the period, most attempted first."""
+        period = (
+            "($1::text IS NULL OR a.exam_id = $1) AND ($2::timestamptz IS NULL OR a.start_time >= $2) "
+            "AND ($3::timestamptz IS NULL OR a.start_time < $3)"
+        )
+        async with tenant_transaction(self._pool, scope) as connection:
+            exams = await connection.fetch(
+                "SELECT a.exam_id, e.title, e.score_scale, count(*) AS started, "
+                "count(*) FILTER (WHERE a.status = 'in_progress') AS in_progress "
+                f"FROM attempts a JOIN exams e USING (exam_id) WHERE {period} "
+                "GROUP BY a.exam_id, e.title, e.score_scale ORDER BY count(*) DESC, a.exam_id",
+                exam_id,
+                *started,
+            )
+            scored = await connection.fetch(
+                "SELECT a.exam_id, r.scaled_score, r.theta, r.standard_error, r.items_answered "
+                f"FROM reports r JOIN attempts a USING (attempt_id) WHERE {period}",
+                exam_id,
+                *started,
+            )
+            # Served items: those answered, and the one each attempt in progress is waiting on.
+            exposures = await connection.fetch(
+                "SELECT s.exam_id, s.item_id, i.content_area, count(*) AS served, "
+                "count(*) FILTER (WHERE s.correct) AS correct FROM ("
+                "  SELECT a.exam_id, r.item_id, r.correct FROM attempt_responses r JOIN attempts a USING (attempt_id) "
+                f"  WHERE {period} "
+                "  UNION ALL SELECT a.exam_id, a.current_item_id, false FROM attempts a "
+                f"  WHERE a.current_item_id IS NOT NULL AND {period}"
+                ") s JOIN items i USING (item_id) GROUP BY s.exam_id, s.item_id, i.content_area",
+                exam_id,
+                *started,
+            )
+        scores: dict[str, list[ScoredAttempt]] = {}
+        for row in scored:
+            scores.setdefault(row["exam_id"], []).append(
+                ScoredAttempt(row["scaled_score"], row["theta"], row["standard_error"], row["items_answered"])
+            )
+        served: dict[str, list[tuple[str, str, int, int]]] = {}
+        for row in exposures:
+            served.setdefault(row["exam_id"], []).append(
+                (row["item_id"], row["content_area"], int(row["served"]), int(row["correct"]))
+            )
+        return [
+            ExamFigures(
+                exam_id=row["exam_id"],
+                exam_title=row["title"],
+                score_scale=json_format.ParseDict(json_loads(row["score_scale"]), res.ScoreScale()),
+                attempts_started=int(row["started"]),
+                attempts_in_progress=int(row["in_progress"]),
+                scored=scores.get(row["exam_id"], []),
+                exposures=served.get(row["exam_id"], []),
+            )
+            for row in exams
+        ]
 
     async def unscored_attempts(self, settle_seconds: float, limit: int) -> list[asyncpg.Record]:
         """Attempts finished more than `settle_seconds` ago (within a day) that have no report: their message to

@@ -204,7 +204,11 @@ class Service:
         _log.info("service.stopping", grace_seconds=grace)
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:
+            # A job stuck in its cleanup must not hold the shutdown (and the pool closing after it) forever.
+            _, stuck = await asyncio.wait(self._background, timeout=max(grace, 1.0))
+            if stuck:
+                _log.error("service.background_stuck", tasks=sorted(task.get_name() for task in stuck))
         self._background = []
         if self.health is not None:
             await self.health.shutdown()

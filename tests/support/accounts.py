@@ -40,6 +40,7 @@ class Caller:
     zone: str
     address: str = field(default_factory=lambda: f"10.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}.7")
     token: str = ""
+    user_id: str = ""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         headers = [("x-megacity-zone", self.zone), ("x-forwarded-for", self.address)]
@@ -86,6 +87,7 @@ class People:
             auth_service_pb2.LoginRequest(email=email, password=password), metadata=caller.metadata()
         )
         caller.token = reply.access_token
+        caller.user_id = reply.user.id
         return caller
 
     async def as_new_user(self, zone: str, org: str, role: str) -> Caller:

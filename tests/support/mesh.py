@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from services.runtime import channels
 from services.runtime.catalog import Catalog, ServiceEntry, load_catalog
@@ -18,6 +19,11 @@ from services.runtime.server import Dependencies, Service, ServicerBinding
 from services.runtime.telemetry import configure_tracing
 from tests.support.probe import probe_entry
 from tests.support.probe import servicers as probe_servicers
+
+
+def serialize(message: Message) -> bytes:
+    """Request serializer for calls made by path (`Message.SerializeToString` unbound is the abstract one)."""
+    return message.SerializeToString()
 
 
 def mesh_catalog() -> Catalog:
