@@ -31,6 +31,7 @@ from services.exam.cat import (
     StopReason,
     estimate_ability,
     item_information,
+    next_form_step,
     next_step,
     pool_mask,
     response_probability,
@@ -542,3 +543,25 @@ def test_simulation_is_deterministic_given_the_generator() -> None:
     assert np.array_equal(first.thetas, second.thetas)
     assert np.array_equal(first.exposure_counts, second.exposure_counts)
     assert first.stop_reasons == second.stop_reasons
+
+
+def test_a_fixed_form_gives_its_items_in_order_and_stops_after_the_last() -> None:
+    bank = ItemBank(
+        ids=["i0", "i1", "i2"],
+        a=np.ones(3),
+        b=np.zeros(3),
+        c=np.zeros(3),
+        content_area=np.zeros(3, dtype=np.intp),
+        content_areas=["all"],
+    )
+    config = CatConfig(min_items=0, max_items=1, standard_error_target=0.0)
+    form = (2, 0)
+    first = next_form_step(bank, config, CatState(), form)
+    assert (first.item, first.stop_reason) == (2, None)
+    second = next_form_step(bank, config, first.state.answered(2, True), form)
+    assert (second.item, second.stop_reason) == (0, None)
+    assert second.state.theta > 0
+    done = next_form_step(bank, config, second.state.answered(0, False), form)
+    assert (done.item, done.stop_reason) == (None, StopReason.MAX_ITEMS)
+    late = next_form_step(bank, config, CatState(), form, elapsed_seconds=61, time_limit_seconds=60)
+    assert late.stop_reason is StopReason.TIME_LIMIT

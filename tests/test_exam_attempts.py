@@ -290,3 +290,129 @@ async def test_a_students_reports_page_newest_first(
                 seen = []
         assert sorted(seen) == sorted(finished)
         assert seen == list(reversed(finished))  # newest first
+
+
+async def test_a_fixed_form_serves_its_items_in_order_and_ends_after_the_last(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> None:
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, _, teacher = await published_exam(people, exam)
+        bank = await exam.ListItems(pb.ListItemsRequest(page_size=10), metadata=teacher.metadata())
+        form = [item.id for item in bank.items[:4]]
+
+        async def published(form_items: list[str], shuffle: bool) -> str:
+            created = await exam.CreateExam(
+                pb.CreateExamRequest(
+                    exam=res.Exam(
+                        title="Form",
+                        fixed_form=res.FixedForm(item_ids=form_items, shuffle=shuffle),
+                        show_estimates=True,
+                    )
+                ),
+                metadata=teacher.metadata(),
+            )
+            await exam.PublishExam(pb.PublishExamRequest(exam_id=created.exam.id), metadata=teacher.metadata())
+            return created.exam.id
+
+        with pytest.raises(grpc.aio.AioRpcError) as unknown_item:
+            await published([*form, "no-such-item"], shuffle=False)
+        assert (unknown_item.value.code(), reason(unknown_item.value)) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ITEM_POOL_EXHAUSTED",
+        )
+        student = await people.as_new_user("univ", org_id, "student")
+        attempt = (
+            await exam.StartAttempt(
+                pb.StartAttemptRequest(exam_id=await published(form, shuffle=False)), metadata=student.metadata()
+            )
+        ).attempt
+        served = [attempt.current_item.item_id]
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_item:
+            await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=attempt.id, item_id=form[1], response="A"),
+                metadata=student.metadata(),
+            )
+        assert reason(wrong_item.value) == "ITEM_NOT_SERVED"
+        while True:
+            reply = await exam.SubmitAnswer(
+                pb.SubmitAnswerRequest(attempt_id=attempt.id, item_id=served[-1], response="A"),
+                metadata=student.metadata(),
+            )
+            if reply.finished:
+                break
+            served.append(reply.next_item.item_id)
+        assert served == form
+        assert (reply.items_answered, reply.stop_reason) == (4, res.STOP_REASON_MAX_ITEMS)
+        assert reply.theta > 0  # four right answers
+
+        # Shuffled per attempt: a permutation of the form, the same on resume.
+        shuffled_exam = await published([item.id for item in bank.items[:10]], shuffle=True)
+        orders = set()
+        for _ in range(6):
+            learner = await people.as_new_user("univ", org_id, "student")
+            first = await exam.StartAttempt(pb.StartAttemptRequest(exam_id=shuffled_exam), metadata=learner.metadata())
+            again = await exam.StartAttempt(pb.StartAttemptRequest(exam_id=shuffled_exam), metadata=learner.metadata())
+            assert again.resumed
+            assert again.attempt.current_item.item_id == first.attempt.current_item.item_id
+            orders.add(first.attempt.current_item.item_id)
+        assert orders <= {item.id for item in bank.items[:10]}
+        assert len(orders) > 1  # 6 attempts all starting on the same of 10 items: 1 chance in 100,000
+
+
+async def test_attempts_students_left_expire_or_are_abandoned(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis, fresh_database: str
+) -> None:
+    async with exam_service(people, identity_database, redis) as exam:
+        org_id, exam_id, teacher = await published_exam(people, exam)
+        timed, untimed, active = [
+            (
+                await exam.StartAttempt(
+                    pb.StartAttemptRequest(exam_id=exam_id),
+                    metadata=(await people.as_new_user("univ", org_id, "student")).metadata(),
+                )
+            ).attempt
+            for _ in range(3)
+        ]
+        connection = await asyncpg.connect(fresh_database)  # time passes (as the database's owner)
+        try:
+            await connection.execute(
+                "UPDATE exam.attempts SET deadline_time = now() - interval '1 minute' WHERE attempt_id = $1", timed.id
+            )
+            await connection.execute(
+                "UPDATE exam.attempts SET current_serve_time = now() - interval '4 days' WHERE attempt_id = $1",
+                untimed.id,
+            )
+        finally:
+            await connection.close()
+        pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
+        client = Redis.from_url(redis.url, decode_responses=True)
+        try:
+            worker = ScoringWorker(client, AttemptStore(pool), "sweep-test", abandon_after_seconds=3 * 24 * 3600)
+            await worker.ensure_group()
+            assert await worker.sweep_left_attempts() == 2
+            assert await worker.sweep_left_attempts() == 0
+        finally:
+            await client.aclose()
+            await pool.close()
+        statuses = {}
+        for attempt in (timed, untimed, active):
+            got = (
+                await exam.GetAttempt(pb.GetAttemptRequest(attempt_id=attempt.id), metadata=teacher.metadata())
+            ).attempt
+            statuses[attempt.id] = (got.status, got.stop_reason, got.HasField("current_item"))
+        assert statuses == {
+            timed.id: (res.ATTEMPT_STATUS_EXPIRED, res.STOP_REASON_TIME_LIMIT, False),
+            untimed.id: (res.ATTEMPT_STATUS_ABANDONED, res.STOP_REASON_UNSPECIFIED, False),
+            active.id: (res.ATTEMPT_STATUS_IN_PROGRESS, res.STOP_REASON_UNSPECIFIED, True),
+        }
+        for _ in range(100):  # the service's own worker scores the expired attempt, not the abandoned one
+            report = await exam.GetAttemptReport(
+                pb.GetAttemptReportRequest(attempt_id=timed.id), metadata=teacher.metadata()
+            )
+            if report.report.status == res.REPORT_STATUS_READY:
+                break
+            await asyncio.sleep(0.1)
+        assert (report.report.status, report.report.stop_reason) == (
+            res.REPORT_STATUS_READY,
+            res.STOP_REASON_TIME_LIMIT,
+        )

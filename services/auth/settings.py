@@ -21,19 +21,9 @@ from services.auth.accounts import REFRESH_TOKEN_LIFETIME_SECONDS
 from services.auth.passwords import DEFAULT_BCRYPT_COST
 from services.auth.pii import PiiKeyRing
 from services.auth.signing import DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS
+from services.runtime.config import env_number
 
 PII_KEYS_VARIABLE = "MEGACITY_PII_KEYS"
-
-
-def _number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ValueError(f"{name} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -52,9 +42,11 @@ class AuthSettings:
             raise ValueError(f"{PII_KEYS_VARIABLE} is not set: the auth service cannot store personal data safely")
         return cls(
             pii=PiiKeyRing.from_environment(keys),
-            access_token_seconds=int(_number("MEGACITY_ACCESS_TOKEN_SECONDS", DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS)),
-            refresh_token_seconds=int(_number("MEGACITY_REFRESH_TOKEN_SECONDS", REFRESH_TOKEN_LIFETIME_SECONDS)),
-            bcrypt_cost=int(_number("MEGACITY_BCRYPT_COST", DEFAULT_BCRYPT_COST)),
-            signing_key_rotation_seconds=_number("MEGACITY_SIGNING_KEY_ROTATION_SECONDS", 30 * 24 * 3600),
-            login_slowdown=_number("MEGACITY_LOGIN_SLOWDOWN", 1.0),
+            access_token_seconds=int(
+                env_number("MEGACITY_ACCESS_TOKEN_SECONDS", DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS)
+            ),
+            refresh_token_seconds=int(env_number("MEGACITY_REFRESH_TOKEN_SECONDS", REFRESH_TOKEN_LIFETIME_SECONDS)),
+            bcrypt_cost=int(env_number("MEGACITY_BCRYPT_COST", DEFAULT_BCRYPT_COST)),
+            signing_key_rotation_seconds=env_number("MEGACITY_SIGNING_KEY_ROTATION_SECONDS", 30 * 24 * 3600),
+            login_slowdown=env_number("MEGACITY_LOGIN_SLOWDOWN", 1.0),
         )

@@ -114,6 +114,50 @@ def rng_for(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, position])
 
 
+# A fixed form is scored like an adaptive test (EAP, standard normal prior) but never stops early.
+_FORM_SCORING = cat.CatConfig(min_items=0, max_items=1, standard_error_target=0.0)
+
+
+def form_order(bank: LoadedBank, form: res.FixedForm, seed: int) -> tuple[int, ...]:
+    """The bank indices of a fixed form's items in the attempt's order (shuffled per attempt when asked).
+    Items without parameters in the attempt's version are left out."""
+    order = [bank.index[item_id] for item_id in form.item_ids if item_id in bank.index]
+    if form.shuffle:
+        rng_for(seed, 0).shuffle(order)
+    return tuple(order)
+
+
+def scoring_config(exam: res.Exam) -> cat.CatConfig:
+    return adaptive_config(exam.adaptive) if exam.HasField("adaptive") else _FORM_SCORING
+
+
+def attempt_step(
+    bank: LoadedBank, exam: res.Exam, state: cat.CatState, seed: int, *, elapsed_seconds: float = 0.0
+) -> cat.Step:
+    """An attempt's next step after the answers in `state`: adaptive selection, or the fixed form's next item."""
+    time_limit = float(exam.time_limit.seconds)
+    position = len(state.administered) + 1
+    if exam.HasField("fixed_form"):
+        return cat.next_form_step(
+            bank.engine,
+            _FORM_SCORING,
+            state,
+            form_order(bank, exam.fixed_form, seed),
+            elapsed_seconds=elapsed_seconds,
+            time_limit_seconds=time_limit,
+        )
+    return cat.next_step(
+        bank.engine,
+        adaptive_config(exam.adaptive),
+        state,
+        rng_for(seed, position),
+        eligible=bank.eligible(exam.adaptive),
+        exposure_k=bank.exposure_k,
+        elapsed_seconds=elapsed_seconds,
+        time_limit_seconds=time_limit,
+    )
+
+
 # Writes the state only if it is newer (a higher position) than the one stored.
 _COMPARE_AND_SET = """
 local stored = redis.call('GET', KEYS[1])

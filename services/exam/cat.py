@@ -603,6 +603,29 @@ def next_step(
     return Step(replace(updated, set_aside=(*state.set_aside, *(int(item) for item in refused))), int(chosen[0]), None)
 
 
+def next_form_step(
+    bank: ItemBank,
+    config: CatConfig,
+    state: CatState,
+    form: Sequence[int],
+    *,
+    elapsed_seconds: float = 0.0,
+    time_limit_seconds: float = 0.0,
+) -> Step:
+    """A fixed form's step: the estimate as for an adaptive test, then the form's next item in order, or the end
+    after its last item (MAX_ITEMS) or when time runs out."""
+    if state.administered:
+        estimate = estimate_ability(bank, config, state.administered, state.responses)
+    else:
+        estimate = Estimate(config.first_theta, config.prior_sd)
+    updated = replace(state, theta=estimate.theta, se=estimate.se)
+    if time_limit_seconds > 0 and elapsed_seconds >= time_limit_seconds:
+        return Step(updated, None, StopReason.TIME_LIMIT)
+    if len(state.administered) >= len(form):
+        return Step(updated, None, StopReason.MAX_ITEMS if form else StopReason.POOL_EXHAUSTED)
+    return Step(updated, form[len(state.administered)], None)
+
+
 # --- simulation ---------------------------------------------------------------------------------------------------
 
 

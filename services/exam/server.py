@@ -44,11 +44,12 @@ from services.exam.store import (
     exam_message,
     json_loads,
 )
-from services.exam.worker import ScoringWorker
+from services.exam.worker import ABANDON_AFTER_SECONDS, ScoringWorker
 from services.runtime import paging
 from services.runtime.audit import Auditor
 from services.runtime.callcontext import current_principal, require_principal
 from services.runtime.channels import ChannelFactory
+from services.runtime.config import env_number
 from services.runtime.context import UnaryContext
 from services.runtime.database import TenantScope
 from services.runtime.errors import (
@@ -64,6 +65,8 @@ from services.runtime.permissions import grants
 from services.runtime.server import Dependencies, ServicerBinding
 from services.runtime.tokens import AccessClaims
 
+# Untimed attempts nobody answered for this long are abandoned (seconds; default 72 hours).
+ABANDON_AFTER_VARIABLE = "MEGACITY_EXAM_ABANDON_AFTER_SECONDS"
 MAX_PAGE = 500
 DASHBOARD_HISTORY = 100
 LEARNERS = frozenset({"student", "guest", "parent"})
@@ -420,12 +423,18 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             )
         changes: dict[str, object] = {"status": target}
         if target == "published":
-            if current["adaptive"] is not None:
-                adaptive = res.AdaptiveConfig()
-                json_format.ParseDict(json_loads(current["adaptive"]), adaptive)
-                if await self._store.pool_size(_staff_scope(person), current["org_id"], adaptive) == 0:
+            exam = exam_message(current)
+            if exam.HasField("adaptive"):
+                if await self._store.pool_size(_staff_scope(person), exam.org_id, exam.adaptive) == 0:
                     raise FailedPrecondition(
                         "the exam's item pool is empty: activate items first",
+                        reason=ErrorReason.ERROR_REASON_ITEM_POOL_EXHAUSTED,
+                    )
+            else:
+                form = res.AdaptiveConfig(pool_item_ids=exam.fixed_form.item_ids)
+                if await self._store.pool_size(_staff_scope(person), exam.org_id, form) < len(form.pool_item_ids):
+                    raise FailedPrecondition(
+                        "every item of the fixed form must be active and have parameters",
                         reason=ErrorReason.ERROR_REASON_ITEM_POOL_EXHAUSTED,
                     )
             changes["publish_time"] = datetime.now(UTC)
@@ -514,8 +523,6 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         exam = exam_message(exam_row)
         if exam.status != res.EXAM_STATUS_PUBLISHED or not _open_now(exam):
             raise FailedPrecondition("the exam is not open", reason=ErrorReason.ERROR_REASON_EXAM_NOT_OPEN)
-        if not exam.HasField("adaptive"):
-            raise NotImplementedError("fixed-form exams")
         scope = TenantScope.org(exam.zone_id, exam.org_id)
         existing = await self._attempts.open_attempt(scope, exam.id, person.user_id)
         version = existing["parameter_version"] if existing else await self._attempts.active_version(scope, exam.org_id)
@@ -534,16 +541,8 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 reason=ErrorReason.ERROR_REASON_EXAM_NOT_OPEN,
                 metadata={"max_attempts_per_student": str(exam.max_attempts_per_student)},
             )
-        config = bank_module.adaptive_config(exam.adaptive)
         seed = secrets.randbits(62)
-        step = cat.next_step(
-            bank.engine,
-            config,
-            cat.CatState.start(config),
-            bank_module.rng_for(seed, 1),
-            eligible=bank.eligible(exam.adaptive),
-            exposure_k=bank.exposure_k,
-        )
+        step = bank_module.attempt_step(bank, exam, cat.CatState.start(bank_module.scoring_config(exam)), seed)
         if step.item is None:
             raise FailedPrecondition(
                 "the exam's item pool is empty", reason=ErrorReason.ERROR_REASON_ITEM_POOL_EXHAUSTED
@@ -597,17 +596,13 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             row = bank.rows[bank.index[request.item_id]]
             choice_ids = [choice.id for choice in row.choices]
             correct = items.is_correct(row.item_type, row.answer_key, choice_ids, request.response)
-            config = bank_module.adaptive_config(exam.adaptive)
             elapsed = (datetime.now(UTC) - attempt["start_time"]).total_seconds()
-            step = cat.next_step(
-                bank.engine,
-                config,
+            step = bank_module.attempt_step(
+                bank,
+                exam,
                 state.answered(bank.index[request.item_id], correct),
-                bank_module.rng_for(attempt["seed"], position + 1),
-                eligible=bank.eligible(exam.adaptive),
-                exposure_k=bank.exposure_k,
+                attempt["seed"],
                 elapsed_seconds=elapsed,
-                time_limit_seconds=float(exam.time_limit.seconds),
             )
             next_item = None if step.item is None else bank.engine.ids[step.item]
             answer = Answer(
@@ -655,7 +650,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     ) -> pb.SubmitAnswerResponse:
         reply = pb.SubmitAnswerResponse(
             attempt_id=attempt["attempt_id"],
-            finished=attempt["status"] == "finished",
+            finished=attempt["status"] != "in_progress",
             items_answered=attempt["current_position"] - 1,
             stop_reason=STOP_REASON_VALUES.get(attempt["stop_reason"], res.STOP_REASON_UNSPECIFIED),
         )
@@ -933,6 +928,11 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
         raise RuntimeError("the exam service needs Redis (MEGACITY_REDIS_URL)")
     attempts = AttemptStore(deps.database)
     servicer = ExamServicer(deps.channels, ExamStore(deps.database), attempts, deps.audit, deps.redis)
-    worker = ScoringWorker(deps.redis, attempts, consumer=f"exam-{socket.gethostname()}-{os.getpid()}")
+    worker = ScoringWorker(
+        deps.redis,
+        attempts,
+        consumer=f"exam-{socket.gethostname()}-{os.getpid()}",
+        abandon_after_seconds=env_number(ABANDON_AFTER_VARIABLE, ABANDON_AFTER_SECONDS),
+    )
     deps.background.append(worker.run)
     return [ServicerBinding(exam_service_pb2_grpc.add_ExamServiceServicer_to_server, servicer)]

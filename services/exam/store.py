@@ -462,6 +462,15 @@ def json_loads(value: object) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
+# Ended attempts that are scored: finished (by the engine or the student) or expired (time ran out).
+SCORED_STATUSES = "('finished', 'expired')"
+
+
+def _ended_status(stop_reason: str) -> str:
+    """SQL for the status an attempt ends in, from the query parameter holding its stop reason."""
+    return f"(CASE WHEN {stop_reason}::text = 'time_limit' THEN 'expired' ELSE 'finished' END)"
+
+
 _ATTEMPT_COLUMNS = """
     a.attempt_id, a.zone_id, a.org_id, a.exam_id, a.student_id, a.status, a.parameter_version, a.current_item_id,
     a.current_position, a.current_serve_time, a.theta, a.standard_error, a.stop_reason, a.seed, a.set_aside,
@@ -627,7 +636,7 @@ class AttemptStore:
                 "UPDATE attempts SET current_item_id = $3, current_position = current_position + 1, "
                 "current_serve_time = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, theta = $4, "
                 "standard_error = $5, set_aside = $6, stop_reason = $7, "
-                "status = CASE WHEN $3::text IS NULL THEN 'finished' ELSE status END, "
+                f"status = CASE WHEN $3::text IS NULL THEN {_ended_status('$7')} ELSE status END, "
                 "finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END "
                 "WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress' "
                 "RETURNING attempt_id, status, current_item_id, current_position, current_serve_time, theta, "
@@ -666,11 +675,12 @@ class AttemptStore:
         return moved
 
     async def finish_attempt(self, attempt: asyncpg.Record, stop_reason: str) -> bool:
-        """Ends an attempt in progress (the student stops early); False when it had ended already."""
+        """Ends an attempt in progress (the student stops early, or time ran out); False when it had ended already."""
         scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
         async with tenant_transaction(self._pool, scope) as connection:
             ended = await connection.execute(
-                "UPDATE attempts SET status = 'finished', current_item_id = NULL, current_serve_time = NULL, "
+                f"UPDATE attempts SET status = {_ended_status('$2')}, current_item_id = NULL, "
+                "current_serve_time = NULL, "
                 "finish_time = now(), stop_reason = $2 WHERE attempt_id = $1 AND status = 'in_progress'",
                 attempt["attempt_id"],
                 stop_reason,
@@ -683,7 +693,7 @@ class AttemptStore:
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
             attempt = await connection.fetchrow(
                 f"SELECT {_ATTEMPT_COLUMNS}, e.score_scale FROM attempts a JOIN exams e USING (exam_id) "
-                "WHERE a.attempt_id = $1 AND a.status = 'finished'",
+                f"WHERE a.attempt_id = $1 AND a.status IN {SCORED_STATUSES}",
                 attempt_id,
             )
             if attempt is None:
@@ -694,7 +704,7 @@ class AttemptStore:
                 attempt_id,
             )
             thetas = await connection.fetch(
-                "SELECT coalesce(theta, 0) AS theta FROM attempts WHERE exam_id = $1 AND status = 'finished' "
+                f"SELECT coalesce(theta, 0) AS theta FROM attempts WHERE exam_id = $1 AND status IN {SCORED_STATUSES} "
                 "ORDER BY 1",
                 attempt["exam_id"],
             )
@@ -855,13 +865,39 @@ class AttemptStore:
             for row in exams
         ]
 
+    async def expire_overdue(self, limit: int) -> list[asyncpg.Record]:
+        """Ends the attempts whose time ran out while nobody answered (the student left): they expire as they
+        stood. Concurrent sweeps never end the same attempt twice."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            return list(
+                await connection.fetch(
+                    "UPDATE attempts SET status = 'expired', stop_reason = 'time_limit', current_item_id = NULL, "
+                    "current_serve_time = NULL, finish_time = deadline_time WHERE attempt_id IN ("
+                    "  SELECT attempt_id FROM attempts WHERE status = 'in_progress' AND deadline_time < now() "
+                    "  LIMIT $1 FOR UPDATE SKIP LOCKED"
+                    ") RETURNING attempt_id, org_id",
+                    limit,
+                )
+            )
+
+    async def abandon_idle(self, idle_seconds: float) -> int:
+        """Closes untimed attempts nobody answered for `idle_seconds`: abandoned, not scored."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            closed = await connection.execute(
+                "UPDATE attempts SET status = 'abandoned', current_item_id = NULL, current_serve_time = NULL, "
+                "finish_time = now() WHERE status = 'in_progress' AND deadline_time IS NULL "
+                "AND coalesce(current_serve_time, start_time) < now() - make_interval(secs => $1)",
+                idle_seconds,
+            )
+        return int(closed.split()[-1])
+
     async def unscored_attempts(self, settle_seconds: float, limit: int) -> list[asyncpg.Record]:
         """Attempts finished more than `settle_seconds` ago (within a day) that have no report: their message to
         the scoring worker was lost (a crash between the commit and the XADD)."""
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
             return list(
                 await connection.fetch(
-                    "SELECT attempt_id, org_id FROM attempts a WHERE status = 'finished' "
+                    f"SELECT attempt_id, org_id FROM attempts a WHERE status IN {SCORED_STATUSES} "
                     "AND finish_time < now() - make_interval(secs => $1) AND finish_time > now() - interval '1 day' "
                     "AND NOT EXISTS (SELECT FROM reports r WHERE r.attempt_id = a.attempt_id) LIMIT $2",
                     settle_seconds,

@@ -4,8 +4,9 @@ A consumer group shares the work between exam service replicas. An entry is ackn
 stored (writing a report is idempotent, so a redelivery is harmless). An entry a replica took and never
 acknowledged (it crashed) is reclaimed by another after RECLAIM_IDLE_MS. An entry that fails MAX_DELIVERIES times
 goes to the dead-letter stream `exam_scoring:dead`, with its error, and is acknowledged. Every REQUEUE_SECONDS
-the worker also queues again finished attempts of the last day that have no report yet: their message was lost
-between the attempt's commit and its XADD.
+the worker also queues again finished attempts of the last day that have no report yet (their message was lost
+between the attempt's commit and its XADD), and sweeps the attempts students left: a timed attempt past its
+deadline expires and is scored as it stood; an untimed one idle for `abandon_after_seconds` is abandoned.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DEAD_LETTER = "exam_scoring:dead"
 MAX_DELIVERIES = 5
 RECLAIM_IDLE_MS = 30_000
 REQUEUE_SECONDS = 60.0
+ABANDON_AFTER_SECONDS = 72 * 3600.0
 _SETTLE_SECONDS = 30.0  # an attempt finished this recently may still have its message on the way
 _log = structlog.get_logger("megacity.exam.scoring")
 
@@ -43,12 +45,14 @@ class ScoringWorker:
         *,
         reclaim_idle_ms: int = RECLAIM_IDLE_MS,
         max_deliveries: int = MAX_DELIVERIES,
+        abandon_after_seconds: float = ABANDON_AFTER_SECONDS,
     ) -> None:
         self._redis = redis
         self._store = store
         self._consumer = consumer
         self._reclaim_idle_ms = reclaim_idle_ms
         self._max_deliveries = max_deliveries
+        self._abandon_after_seconds = abandon_after_seconds
 
     async def ensure_group(self) -> None:
         try:
@@ -65,12 +69,23 @@ class ScoringWorker:
                 requeued_at = 0.0
                 while True:
                     if time.monotonic() - requeued_at >= REQUEUE_SECONDS:
+                        await self.sweep_left_attempts()
                         await self.requeue_unscored()
                         requeued_at = time.monotonic()
                     await self.process(block_ms=1000)
             except (RedisError, OSError) as error:
                 _log.warning("scoring.redis_unavailable", error=str(error))
                 await asyncio.sleep(1.0)
+
+    async def sweep_left_attempts(self) -> int:
+        """Expires (and queues for scoring) overdue timed attempts, abandons idle untimed ones; the number closed."""
+        expired = await self._store.expire_overdue(limit=500)
+        for attempt in expired:
+            await self._redis.xadd(STREAM, {"attempt_id": attempt["attempt_id"], "org_id": attempt["org_id"]})
+        abandoned = await self._store.abandon_idle(self._abandon_after_seconds)
+        if expired or abandoned:
+            _log.info("scoring.swept", expired=len(expired), abandoned=abandoned)
+        return len(expired) + abandoned
 
     async def requeue_unscored(self, settle_seconds: float = _SETTLE_SECONDS) -> int:
         """Queues again the finished attempts whose message was lost; the number queued."""

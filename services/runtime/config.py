@@ -43,9 +43,10 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
+def env_number(name: str, default: float) -> float:
+    """A non-negative number from the environment; unset or empty gives the default."""
+    raw = os.environ.get(name, "")
+    if not raw:
         return default
     try:
         value = float(raw)
@@ -136,9 +137,9 @@ class ServiceConfig:
             metrics_port=_int("MEGACITY_METRICS_PORT", entry.metrics_port + offset),
             database_url=os.environ.get("MEGACITY_DATABASE_URL") or None,
             redis_url=os.environ.get("MEGACITY_REDIS_URL") or None,
-            shutdown_grace_seconds=_float("MEGACITY_SHUTDOWN_GRACE_SECONDS", 10.0),
-            health_interval_seconds=_float("MEGACITY_HEALTH_INTERVAL_SECONDS", 1.0),
-            default_deadline_seconds=_float("MEGACITY_DEFAULT_DEADLINE_SECONDS", 10.0),
+            shutdown_grace_seconds=env_number("MEGACITY_SHUTDOWN_GRACE_SECONDS", 10.0),
+            health_interval_seconds=env_number("MEGACITY_HEALTH_INTERVAL_SECONDS", 1.0),
+            default_deadline_seconds=env_number("MEGACITY_DEFAULT_DEADLINE_SECONDS", 10.0),
             log_level=_env("MEGACITY_LOG_LEVEL", "info").lower(),
         )
         missing = [
