@@ -33,7 +33,6 @@ class LoadedBank:
     rows: list[BankRow]
     index: dict[str, int]
     active: NDArray[np.bool_]
-    exposure_k: NDArray[np.float64]
 
     def eligible(self, config: res.AdaptiveConfig) -> NDArray[np.bool_]:
         pool = cat.pool_mask(self.engine, list(config.pool_item_ids), list(config.pool_content_areas))
@@ -56,7 +55,6 @@ def _loaded(rows: list[BankRow]) -> LoadedBank:
         rows=rows,
         index={row.item_id: position for position, row in enumerate(rows)},
         active=np.array([row.status == "active" for row in rows], dtype=np.bool_),
-        exposure_k=np.array([row.exposure_parameter for row in rows], dtype=np.float64),
     )
 
 
@@ -132,9 +130,16 @@ def scoring_config(exam: res.Exam) -> cat.CatConfig:
 
 
 def attempt_step(
-    bank: LoadedBank, exam: res.Exam, state: cat.CatState, seed: int, *, elapsed_seconds: float = 0.0
+    bank: LoadedBank,
+    exam: res.Exam,
+    state: cat.CatState,
+    seed: int,
+    *,
+    exposure_k: NDArray[np.float64] | None = None,
+    elapsed_seconds: float = 0.0,
 ) -> cat.Step:
-    """An attempt's next step after the answers in `state`: adaptive selection, or the fixed form's next item."""
+    """An attempt's next step after the answers in `state`: adaptive selection (with the exam's Sympson-Hetter
+    parameters, when computed), or the fixed form's next item."""
     time_limit = float(exam.time_limit.seconds)
     position = len(state.administered) + 1
     if exam.HasField("fixed_form"):
@@ -152,7 +157,7 @@ def attempt_step(
         state,
         rng_for(seed, position),
         eligible=bank.eligible(exam.adaptive),
-        exposure_k=bank.exposure_k,
+        exposure_k=exposure_k,
         elapsed_seconds=elapsed_seconds,
         time_limit_seconds=time_limit,
     )

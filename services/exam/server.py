@@ -31,6 +31,7 @@ from services.exam import analytics, cat, exams, items
 from services.exam import bank as bank_module
 from services.exam.access import may_read_student_results
 from services.exam.bank import LoadedBank
+from services.exam.exposure import ExposureCache, ExposureWorker
 from services.exam.store import (
     EXAM_STATUSES,
     EXAM_TYPES,
@@ -204,11 +205,13 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         attempts: AttemptStore,
         auditor: Auditor,
         redis: Redis,
+        banks: bank_module.BankCache,
     ) -> None:
         self._channels = channels
         self._store = store
         self._attempts = attempts
-        self._banks = bank_module.BankCache(attempts)
+        self._banks = banks
+        self._exposures = ExposureCache(attempts)
         self._states = bank_module.CatStates(redis)
         self._redis = redis
         self._audit = auditor
@@ -542,7 +545,13 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 metadata={"max_attempts_per_student": str(exam.max_attempts_per_student)},
             )
         seed = secrets.randbits(62)
-        step = bank_module.attempt_step(bank, exam, cat.CatState.start(bank_module.scoring_config(exam)), seed)
+        step = bank_module.attempt_step(
+            bank,
+            exam,
+            cat.CatState.start(bank_module.scoring_config(exam)),
+            seed,
+            exposure_k=await self._exposures.get(scope, exam, version, bank),
+        )
         if step.item is None:
             raise FailedPrecondition(
                 "the exam's item pool is empty", reason=ErrorReason.ERROR_REASON_ITEM_POOL_EXHAUSTED
@@ -602,6 +611,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 exam,
                 state.answered(bank.index[request.item_id], correct),
                 attempt["seed"],
+                exposure_k=await self._exposures.get(scope, exam, attempt["parameter_version"], bank),
                 elapsed_seconds=elapsed,
             )
             next_item = None if step.item is None else bank.engine.ids[step.item]
@@ -927,7 +937,8 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
     if deps.redis is None:
         raise RuntimeError("the exam service needs Redis (MEGACITY_REDIS_URL)")
     attempts = AttemptStore(deps.database)
-    servicer = ExamServicer(deps.channels, ExamStore(deps.database), attempts, deps.audit, deps.redis)
+    banks = bank_module.BankCache(attempts)
+    servicer = ExamServicer(deps.channels, ExamStore(deps.database), attempts, deps.audit, deps.redis, banks)
     worker = ScoringWorker(
         deps.redis,
         attempts,
@@ -935,4 +946,5 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
         abandon_after_seconds=env_number(ABANDON_AFTER_VARIABLE, ABANDON_AFTER_SECONDS),
     )
     deps.background.append(worker.run)
+    deps.background.append(ExposureWorker(attempts, banks).run)
     return [ServicerBinding(exam_service_pb2_grpc.add_ExamServiceServicer_to_server, servicer)]

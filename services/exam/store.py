@@ -490,7 +490,6 @@ class BankRow:
     answer_key: res.AnswerKey
     media_uri: str
     status: str
-    exposure_parameter: float
     a: float
     b: float
     c: float
@@ -518,7 +517,7 @@ class AttemptStore:
         async with tenant_transaction(self._pool, scope) as connection:
             rows = await connection.fetch(
                 "SELECT i.item_id, i.content_area, i.item_type, i.stem, i.choices, i.answer_key, i.media_uri, "
-                "i.status, i.exposure_parameter, p.a, p.b, p.c FROM items i JOIN item_parameters p "
+                "i.status, p.a, p.b, p.c FROM items i JOIN item_parameters p "
                 "ON p.item_id = i.item_id AND p.version = $2 WHERE i.org_id = $1 ORDER BY i.item_id",
                 org_id,
                 version,
@@ -534,13 +533,59 @@ class AttemptStore:
                 answer_key=json_format.ParseDict(json_loads(row["answer_key"]), res.AnswerKey()),
                 media_uri=row["media_uri"],
                 status=row["status"],
-                exposure_parameter=row["exposure_parameter"],
                 a=row["a"],
                 b=row["b"],
                 c=row["c"],
             )
             for row in rows
         ]
+
+    async def exposure_parameters(self, scope: TenantScope, exam_id: str, version: int) -> dict[str, float]:
+        """An exam's Sympson-Hetter parameters for a parameter version; empty until computed."""
+        async with tenant_transaction(self._pool, scope) as connection:
+            rows = await connection.fetch(
+                "SELECT item_id, k FROM exposure_parameters WHERE exam_id = $1 AND version = $2", exam_id, version
+            )
+        return {row["item_id"]: row["k"] for row in rows}
+
+    async def exams_awaiting_exposure(self, limit: int) -> list[asyncpg.Record]:
+        """Published Sympson-Hetter exams without parameters for their organisation's active version."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            return list(
+                await connection.fetch(
+                    "SELECT e.*, v.version "
+                    "FROM exams e JOIN parameter_versions v ON v.org_id = e.org_id AND v.active "
+                    "WHERE e.status = 'published' "
+                    "AND e.adaptive ->> 'exposure_control' = 'EXPOSURE_CONTROL_SYMPSON_HETTER' "
+                    "AND NOT EXISTS (SELECT FROM exposure_parameters x "
+                    "WHERE x.exam_id = e.exam_id AND x.version = v.version) ORDER BY e.publish_time LIMIT $1",
+                    limit,
+                )
+            )
+
+    async def save_exposure_parameters(self, exam: asyncpg.Record, version: int, k: Mapping[str, float]) -> None:
+        """Stores an exam's parameters (a concurrent computation's are kept if first), and sets each item's shown
+        exposure parameter to its lowest over the organisation's exams."""
+        async with tenant_transaction(self._pool, TenantScope.org(exam["zone_id"], exam["org_id"])) as connection:
+            await connection.execute(
+                "INSERT INTO exposure_parameters (exam_id, version, item_id, zone_id, org_id, k) "
+                "SELECT $1, $2, item_id, $3, $4, k FROM unnest($5::text[], $6::float8[]) AS given(item_id, k) "
+                "ON CONFLICT DO NOTHING",
+                exam["exam_id"],
+                version,
+                exam["zone_id"],
+                exam["org_id"],
+                list(k),
+                list(k.values()),
+            )
+            await connection.execute(
+                "UPDATE items i SET exposure_parameter = coalesce(("
+                "  SELECT min(x.k) FROM exposure_parameters x JOIN exams e USING (exam_id) "
+                "  JOIN parameter_versions v ON v.org_id = e.org_id AND v.version = x.version AND v.active "
+                "  WHERE x.item_id = i.item_id AND e.status = 'published'"
+                "), 1) WHERE i.item_id = ANY($1::text[])",
+                list(k),
+            )
 
     async def active_version(self, scope: TenantScope, org_id: str) -> int | None:
         async with tenant_transaction(self._pool, scope) as connection:

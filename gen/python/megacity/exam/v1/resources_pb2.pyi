@@ -415,7 +415,8 @@ class Item(_message.Message):
     """How many attempts were served this item."""
     exposure_parameter: _builtins.float
     """Sympson-Hetter exposure-control parameter: probability that the item is administered once selected (1 =
-    always); computed by simulation.
+    always). Computed by simulation for each published exam with Sympson-Hetter control (each exam's attempts use
+    their own); this is the lowest over the organisation's exams.
     """
     creator_id: _builtins.str
     """Who created it."""
