@@ -676,16 +676,29 @@ class AttemptStore:
         """Stores the answer and moves the attempt on, atomically and only if the attempt still waits for this item
         at this position: the attempt as it is now, or None when another submit got there first."""
         scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
+        # One statement (one round trip): the attempt moves on, the answer is stored and the item's exposure counted,
+        # all or nothing.
         async with tenant_transaction(self._pool, scope) as connection:
             moved = await connection.fetchrow(
-                "UPDATE attempts SET current_item_id = $3, current_position = current_position + 1, "
-                "current_serve_time = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, theta = $4, "
-                "standard_error = $5, set_aside = $6, stop_reason = $7, "
-                f"status = CASE WHEN $3::text IS NULL THEN {_ended_status('$7')} ELSE status END, "
-                "finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END "
-                "WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress' "
-                "RETURNING attempt_id, status, current_item_id, current_position, current_serve_time, theta, "
-                "standard_error, stop_reason, deadline_time",
+                "WITH moved AS ("
+                "  UPDATE attempts SET current_item_id = $3, current_position = current_position + 1, "
+                "  current_serve_time = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, theta = $4, "
+                "  standard_error = $5, set_aside = $6, stop_reason = $7, "
+                f"  status = CASE WHEN $3::text IS NULL THEN {_ended_status('$7')} ELSE status END, "
+                "  finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END "
+                "  WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress' "
+                "  RETURNING attempt_id, zone_id, org_id, status, current_item_id, current_position, "
+                "  current_serve_time, theta, standard_error, stop_reason, deadline_time"
+                "), answered AS ("
+                "  INSERT INTO attempt_responses (attempt_id, position, item_id, zone_id, org_id, content_area, "
+                "  response, correct, theta, standard_error, response_time_ms) "
+                "  SELECT attempt_id, $8, $2, zone_id, org_id, $9, $10, $11, $4, $5, "
+                "  (extract(epoch FROM now() - $12::timestamptz) * 1000)::integer FROM moved"
+                "), exposed AS ("
+                "  UPDATE items SET exposure_count = exposure_count + 1 "
+                "  WHERE item_id = $2 AND EXISTS (SELECT FROM moved)"
+                ") SELECT attempt_id, status, current_item_id, current_position, current_serve_time, theta, "
+                "standard_error, stop_reason, deadline_time FROM moved",
                 attempt["attempt_id"],
                 answer.item_id,
                 next_item,
@@ -694,28 +707,10 @@ class AttemptStore:
                 list(set_aside),
                 stop_reason,
                 answer.position,
-            )
-            if moved is None:
-                return None
-            await connection.execute(
-                "INSERT INTO attempt_responses (attempt_id, position, item_id, zone_id, org_id, content_area, "
-                "response, correct, theta, standard_error, response_time_ms) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
-                "(extract(epoch FROM now() - $11::timestamptz) * 1000)::integer)",
-                attempt["attempt_id"],
-                answer.position,
-                answer.item_id,
-                attempt["zone_id"],
-                attempt["org_id"],
                 answer.content_area,
                 answer.response,
                 answer.correct,
-                answer.theta,
-                answer.standard_error,
                 attempt["current_serve_time"],
-            )
-            await connection.execute(
-                "UPDATE items SET exposure_count = exposure_count + 1 WHERE item_id = $1", answer.item_id
             )
         return moved
 
