@@ -20,6 +20,7 @@ log-likelihood plus the log prior.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,6 +154,7 @@ def calibrate(
     tolerance: float = 1e-4,
     initial: ItemParameters | None = None,
     min_responses_per_item: int = DEFAULT_MIN_RESPONSES_PER_ITEM,
+    on_iteration: Callable[[int, float], None] | None = None,
 ) -> CalibrationResult:
     """Estimates every item's parameters under `model` by marginal maximum likelihood with EM, stopping when no
     parameter (on the a, b and c scales) moves by `tolerance` or more in an iteration, or after `max_iterations`.
@@ -160,7 +162,11 @@ def calibrate(
     An item with fewer than `min_responses_per_item` responses is skipped: it keeps its `initial` parameters (with
     c = 0 under 2PL) and its responses are left out, so a few answers to a new item do not sway the others. Without
     `initial`, estimation starts from a = 1, c at the prior's mode and b from the proportion correct, and a skipped
-    item gets these starting values."""
+    item gets these starting values.
+
+    `on_iteration`, when given, is called after each iteration with the iterations run so far and the largest
+    parameter change of the last one (what `tolerance` is compared with), so a caller can report progress; an
+    exception it raises ends the calibration and propagates, which is how a caller stops a long run."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if max_iterations < 1:
@@ -192,12 +198,15 @@ def calibrate(
     converged = estimated.size == 0  # nothing to estimate
     while not converged and iterations < max_iterations:
         updated = _maximisation(current, expected, model)
-        converged = current.largest_change_to(updated) < tolerance
+        change = current.largest_change_to(updated)
+        converged = change < tolerance
         current = updated
         iterations += 1
         expected = _expectation(current, observations)
         likelihood_history.append(expected.log_likelihood)
         posterior_history.append(expected.log_likelihood + current.total_log_prior(model))
+        if on_iteration is not None:
+            on_iteration(iterations, change)
 
     estimated_errors = current.standard_errors(expected, model)
     parameters = ItemParameters(a=start.a.copy(), b=start.b.copy(), c=start.c.copy())

@@ -2,7 +2,8 @@
 
 Thin: validates (services/exam/items.py, exams.py), decides scope, and reads and writes through
 services/exam/store.py. The CAT engine is services/exam/cat.py, scoring runs in services/exam/worker.py, the
-aggregates of statistics and dashboards are services/exam/analytics.py.
+aggregates of statistics and dashboards are services/exam/analytics.py, Sympson-Hetter parameters
+services/exam/exposure.py, calibration runs services/exam/calibration_rpc.py and calibration_worker.py.
 
 Scope: items and exams belong to their author's organisation. Teachers and org admins work in their
 organisation, zone admins see their zone's exams, super admins everything; students and guests see published
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -27,10 +29,12 @@ from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from megacity.exam.v1 import exam_service_pb2 as pb
 from megacity.exam.v1 import exam_service_pb2_grpc
 from megacity.exam.v1 import resources_pb2 as res
-from services.exam import analytics, cat, exams, items
+from services.exam import analytics, calibration_rpc, cat, exams, items
 from services.exam import bank as bank_module
 from services.exam.access import may_read_student_results
 from services.exam.bank import LoadedBank
+from services.exam.calibration_store import CalibrationStore
+from services.exam.calibration_worker import CalibrationWorker
 from services.exam.exposure import ExposureCache, ExposureWorker
 from services.exam.store import (
     EXAM_STATUSES,
@@ -148,6 +152,15 @@ def _report_message(row: asyncpg.Record) -> res.Report:
     return report
 
 
+@dataclass(frozen=True)
+class Readable:
+    """The results a caller may list: a tenant scope, narrowed to one student or to one organisation's students."""
+
+    scope: TenantScope
+    student_id: str | None
+    student_org_id: str | None = None
+
+
 def _period(request: pb.ListReportsRequest | pb.GetExamStatisticsRequest | pb.GetDashboardRequest) -> Period:
     """A request's [start_time, end_time) filter; either end may be unset."""
     bounds = (
@@ -206,12 +219,14 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         auditor: Auditor,
         redis: Redis,
         banks: bank_module.BankCache,
+        calibrations: CalibrationStore,
     ) -> None:
         self._channels = channels
         self._store = store
         self._attempts = attempts
         self._banks = banks
         self._exposures = ExposureCache(attempts)
+        self._calibrations = calibrations
         self._states = bank_module.CatStates(redis)
         self._redis = redis
         self._audit = auditor
@@ -236,6 +251,16 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         person = require_principal()
         _required(request.item_id, "item_id")
         return pb.GetItemResponse(item=await self._store.item(_staff_scope(person), request.item_id))
+
+    async def ListItemParameters(
+        self,
+        request: pb.ListItemParametersRequest,
+        context: UnaryContext[pb.ListItemParametersRequest, pb.ListItemParametersResponse],
+    ) -> pb.ListItemParametersResponse:
+        person = require_principal()
+        _required(request.item_id, "item_id")
+        parameters = await self._store.item_parameters(_staff_scope(person), request.item_id)
+        return pb.ListItemParametersResponse(parameters=parameters)
 
     async def ListItems(
         self, request: pb.ListItemsRequest, context: UnaryContext[pb.ListItemsRequest, pb.ListItemsResponse]
@@ -558,7 +583,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             )
         deadline = datetime.now(UTC) + timedelta(seconds=exam.time_limit.seconds) if exam.time_limit.seconds else None
         attempt = await self._attempts.create_attempt(
-            exam_row, person.user_id, version, seed, bank.engine.ids[step.item], deadline
+            exam_row, person.user_id, person.org_id, version, seed, bank.engine.ids[step.item], deadline
         )
         await self._states.save(attempt["attempt_id"], 1, step.state, bank)
         await self._audit.record("start", "success", resource_type="attempt", resource_id=attempt["attempt_id"])
@@ -705,10 +730,6 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
         if attempt["student_id"] != person.user_id:
             await self._check_may_read_student(attempt["student_id"])
-            if person.role in ("teacher", "org_admin") and person.org_id != attempt["org_id"]:
-                raise PermissionDenied(
-                    "this attempt is outside your organisation", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE
-                )
         answers = await self._attempts.answers(
             TenantScope.org(attempt["zone_id"], attempt["org_id"]), attempt["attempt_id"]
         )
@@ -738,39 +759,41 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 "you may not read this student's results", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE
             )
 
-    async def _readable_results(self, student_id: str) -> tuple[TenantScope, str | None]:
-        """The scope and student filter of a caller's lists of attempts, reports and dashboards: learners their
-        own, parents an approved child's, staff their organisation's (zone admins their zone's)."""
+    async def _readable_results(self, student_id: str) -> Readable:
+        """Whose attempts, reports and dashboards a caller lists: learners their own, parents an approved child's,
+        teachers and org admins those of their organisation's students (whichever organisation's exam they took),
+        zone admins their zone's."""
         person = require_principal()
         if person.role in ("student", "guest"):
             if student_id and student_id != person.user_id:
                 raise PermissionDenied("students read their own results", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE)
             # A student's attempts of public exams belong to the exams' organisations: the zone is the scope.
-            return TenantScope.zone(person.zone_id), person.user_id
+            return Readable(TenantScope.zone(person.zone_id), person.user_id)
         if person.role == "parent":
             _required(student_id, "student_id")
         if student_id:
             await self._check_may_read_student(student_id)
-        if person.role == "parent":
-            return TenantScope.zone(person.zone_id), student_id
-        return _staff_scope(person), student_id or None
+        if person.role in ("parent", "teacher", "org_admin"):
+            students_of = person.org_id if person.role != "parent" else None
+            return Readable(TenantScope.zone(person.zone_id), student_id or None, students_of)
+        return Readable(_staff_scope(person), student_id or None)
 
     async def _report_page(
         self,
-        scope: TenantScope,
+        readable: Readable,
         query: list[str],
         page_size: int,
         page_token: str,
         *,
-        student_id: str | None,
         exam_id: str | None,
         finished: Period = (None, None),
     ) -> tuple[list[res.Report], str]:
         limit = paging.page_size(page_size, MAX_PAGE)
         position = paging.decode(page_token, query)
         rows = await self._attempts.reports(
-            scope,
-            student_id=student_id,
+            readable.scope,
+            student_id=readable.student_id,
+            student_org_id=readable.student_org_id,
             attempt_id=None,
             exam_id=exam_id,
             finished=finished,
@@ -792,11 +815,10 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         await self._check_may_read_student(request.student_id)
         scope = TenantScope.platform() if current_principal() is None else TenantScope.zone(require_principal().zone_id)
         reports, next_token = await self._report_page(
-            scope,
+            Readable(scope, request.student_id),
             ["student_reports", request.student_id, request.exam_id],
             request.page_size,
             request.page_token,
-            student_id=request.student_id,
             exam_id=request.exam_id or None,
         )
         return pb.ListStudentReportsResponse(reports=reports, next_page_token=next_token)
@@ -808,16 +830,10 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         if person.role not in ("student", "guest") and not grants(person.permissions, "report:read"):
             raise PermissionDenied("reading reports needs report:read", metadata={"permission": "report:read"})
         finished = _period(request)
-        scope, student_id = await self._readable_results(request.student_id)
-        query = ["reports", request.exam_id, student_id or "", *(str(bound) for bound in finished)]
+        readable = await self._readable_results(request.student_id)
+        query = ["reports", request.exam_id, readable.student_id or "", *(str(bound) for bound in finished)]
         reports, next_token = await self._report_page(
-            scope,
-            query,
-            request.page_size,
-            request.page_token,
-            student_id=student_id,
-            exam_id=request.exam_id or None,
-            finished=finished,
+            readable, query, request.page_size, request.page_token, exam_id=request.exam_id or None, finished=finished
         )
         return pb.ListReportsResponse(reports=reports, next_page_token=next_token)
 
@@ -827,14 +843,15 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         status = next((name for name, value in ATTEMPT_STATUS_VALUES.items() if value == request.status), None)
         if request.status and status is None:
             raise InvalidArgument("unknown attempt status", [("status", "unknown value")])
-        scope, student_id = await self._readable_results(request.student_id)
+        readable = await self._readable_results(request.student_id)
         limit = paging.page_size(request.page_size, MAX_PAGE)
-        query = ["attempts", request.exam_id, student_id or "", status or ""]
+        query = ["attempts", request.exam_id, readable.student_id or "", status or ""]
         position = paging.decode(request.page_token, query)
         rows, total = await self._attempts.attempts(
-            scope,
+            readable.scope,
             exam_id=request.exam_id or None,
-            student_id=student_id,
+            student_id=readable.student_id,
+            student_org_id=readable.student_org_id,
             status=status,
             before=(str(position[0]), str(position[1])) if position and len(position) == 2 else None,
             limit=limit + 1,
@@ -872,9 +889,11 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         person = require_principal()
         started = _period(request)
         if request.student_id or person.role in LEARNERS:
-            scope, student_id = await self._readable_results(request.student_id)
-            assert student_id is not None
-            return pb.GetDashboardResponse(student=await self._student_dashboard(scope, student_id, request, started))
+            readable = await self._readable_results(request.student_id)
+            assert readable.student_id is not None
+            return pb.GetDashboardResponse(
+                student=await self._student_dashboard(readable.scope, readable.student_id, request, started)
+            )
         figures = await self._attempts.exam_figures(_staff_scope(person), request.exam_id or None, started)
         return pb.GetDashboardResponse(
             teacher=res.TeacherDashboard(
@@ -930,6 +949,49 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             return pb.GetAttemptReportResponse(report=pending)
         return pb.GetAttemptReportResponse(report=_report_message(rows[0]))
 
+    # --- calibration -------------------------------------------------------------------------------------------------
+
+    async def StartCalibration(
+        self,
+        request: pb.StartCalibrationRequest,
+        context: UnaryContext[pb.StartCalibrationRequest, pb.StartCalibrationResponse],
+    ) -> pb.StartCalibrationResponse:
+        reply = await calibration_rpc.start_calibration(self._calibrations, require_principal(), request)
+        await self._audit.record("calibrate", "success", resource_type="calibration", resource_id=reply.calibration.id)
+        return reply
+
+    async def GetCalibration(
+        self,
+        request: pb.GetCalibrationRequest,
+        context: UnaryContext[pb.GetCalibrationRequest, pb.GetCalibrationResponse],
+    ) -> pb.GetCalibrationResponse:
+        return await calibration_rpc.get_calibration(self._calibrations, require_principal(), request)
+
+    async def ListCalibrations(
+        self,
+        request: pb.ListCalibrationsRequest,
+        context: UnaryContext[pb.ListCalibrationsRequest, pb.ListCalibrationsResponse],
+    ) -> pb.ListCalibrationsResponse:
+        return await calibration_rpc.list_calibrations(self._calibrations, require_principal(), request)
+
+    async def ListParameterVersions(
+        self,
+        request: pb.ListParameterVersionsRequest,
+        context: UnaryContext[pb.ListParameterVersionsRequest, pb.ListParameterVersionsResponse],
+    ) -> pb.ListParameterVersionsResponse:
+        return await calibration_rpc.list_parameter_versions(self._calibrations, require_principal(), request)
+
+    async def ActivateParameterVersion(
+        self,
+        request: pb.ActivateParameterVersionRequest,
+        context: UnaryContext[pb.ActivateParameterVersionRequest, pb.ActivateParameterVersionResponse],
+    ) -> pb.ActivateParameterVersionResponse:
+        reply = await calibration_rpc.activate_parameter_version(self._calibrations, require_principal(), request)
+        await self._audit.record(
+            "activate", "success", resource_type="parameter_version", resource_id=str(reply.version.version)
+        )
+        return reply
+
 
 def servicers(deps: Dependencies) -> list[ServicerBinding]:
     if deps.database is None:
@@ -938,7 +1000,10 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
         raise RuntimeError("the exam service needs Redis (MEGACITY_REDIS_URL)")
     attempts = AttemptStore(deps.database)
     banks = bank_module.BankCache(attempts)
-    servicer = ExamServicer(deps.channels, ExamStore(deps.database), attempts, deps.audit, deps.redis, banks)
+    calibrations = CalibrationStore(deps.database)
+    servicer = ExamServicer(
+        deps.channels, ExamStore(deps.database), attempts, deps.audit, deps.redis, banks, calibrations
+    )
     worker = ScoringWorker(
         deps.redis,
         attempts,
@@ -947,4 +1012,5 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
     )
     deps.background.append(worker.run)
     deps.background.append(ExposureWorker(attempts, banks).run)
+    deps.background.append(CalibrationWorker(calibrations).run)
     return [ServicerBinding(exam_service_pb2_grpc.add_ExamServiceServicer_to_server, servicer)]

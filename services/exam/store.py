@@ -194,6 +194,18 @@ class ExamStore:
             raise NotFound("no such item")
         return item_message(row)
 
+    async def item_parameters(self, scope: TenantScope, item_id: str) -> list[res.ItemParameters]:
+        """An item's parameters in every version, newest first; NOT_FOUND for an item outside the scope."""
+        async with tenant_transaction(self._pool, scope) as connection:
+            if await connection.fetchval("SELECT 1 FROM items WHERE item_id = $1", item_id) is None:
+                raise NotFound("no such item")
+            rows = await connection.fetch(
+                "SELECT model, a, b, c, version, a_standard_error, b_standard_error, c_standard_error, response_count "
+                "FROM item_parameters WHERE item_id = $1 ORDER BY version DESC",
+                item_id,
+            )
+        return [res.ItemParameters(**{**dict(row), "model": item_rules.MODEL_VALUES[row["model"]]}) for row in rows]
+
     async def items(
         self,
         scope: TenantScope,
@@ -472,9 +484,9 @@ def _ended_status(stop_reason: str) -> str:
 
 
 _ATTEMPT_COLUMNS = """
-    a.attempt_id, a.zone_id, a.org_id, a.exam_id, a.student_id, a.status, a.parameter_version, a.current_item_id,
-    a.current_position, a.current_serve_time, a.theta, a.standard_error, a.stop_reason, a.seed, a.set_aside,
-    a.start_time, a.deadline_time, a.finish_time, e.title AS exam_title
+    a.attempt_id, a.zone_id, a.org_id, a.exam_id, a.student_id, a.student_org_id, a.status, a.parameter_version,
+    a.current_item_id, a.current_position, a.current_serve_time, a.theta, a.standard_error, a.stop_reason, a.seed,
+    a.set_aside, a.start_time, a.deadline_time, a.finish_time, e.title AS exam_title
 """
 
 
@@ -615,6 +627,7 @@ class AttemptStore:
         self,
         exam: asyncpg.Record,
         student_id: str,
+        student_org_id: str,
         version: int,
         seed: int,
         first_item: str | None,
@@ -625,14 +638,15 @@ class AttemptStore:
         async with tenant_transaction(self._pool, scope) as connection:
             attempt_id = uuid.uuid4().hex
             await connection.execute(
-                "INSERT INTO attempts (attempt_id, zone_id, org_id, exam_id, student_id, parameter_version, "
-                "current_item_id, current_serve_time, seed, deadline_time) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9)",
+                "INSERT INTO attempts (attempt_id, zone_id, org_id, exam_id, student_id, student_org_id, "
+                "parameter_version, current_item_id, current_serve_time, seed, deadline_time) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9, $10)",
                 attempt_id,
                 exam["zone_id"],
                 exam["org_id"],
                 exam["exam_id"],
                 student_id,
+                student_org_id,
                 version,
                 first_item,
                 seed,
@@ -772,6 +786,7 @@ class AttemptStore:
         student_id: str | None,
         attempt_id: str | None,
         exam_id: str | None = None,
+        student_org_id: str | None = None,
         finished: Period = (None, None),
         before: tuple[str, str] | None = None,
         limit: int,
@@ -789,6 +804,7 @@ class AttemptStore:
                     "AND ($4::timestamptz IS NULL OR (r.report_time, r.attempt_id) < ($4::timestamptz, $5::text)) "
                     "AND ($7::timestamptz IS NULL OR a.finish_time >= $7) "
                     "AND ($8::timestamptz IS NULL OR a.finish_time < $8) "
+                    "AND ($9::text IS NULL OR a.student_org_id = $9) "
                     "ORDER BY r.report_time DESC, r.attempt_id DESC LIMIT $6",
                     student_id,
                     attempt_id,
@@ -797,6 +813,7 @@ class AttemptStore:
                     None if before is None else before[1],
                     limit,
                     *finished,
+                    student_org_id,
                 )
             )
 
@@ -809,27 +826,29 @@ class AttemptStore:
         status: str | None,
         before: tuple[str, str] | None,
         limit: int,
+        student_org_id: str | None = None,
     ) -> tuple[list[asyncpg.Record], int]:
         """Attempts newest first (`before`: the previous page's last (start time ISO, attempt id)), and how many
         match the filters across all pages."""
         filters = (
             "($1::text IS NULL OR a.exam_id = $1) AND ($2::text IS NULL OR a.student_id = $2) "
-            "AND ($3::text IS NULL OR a.status = $3)"
+            "AND ($3::text IS NULL OR a.status = $3) AND ($4::text IS NULL OR a.student_org_id = $4)"
         )
         async with tenant_transaction(self._pool, scope) as connection:
             rows = await connection.fetch(
                 f"SELECT {_ATTEMPT_COLUMNS} FROM attempts a JOIN exams e USING (exam_id) WHERE {filters} "
-                "AND ($4::timestamptz IS NULL OR (a.start_time, a.attempt_id) < ($4::timestamptz, $5::text)) "
-                "ORDER BY a.start_time DESC, a.attempt_id DESC LIMIT $6",
+                "AND ($5::timestamptz IS NULL OR (a.start_time, a.attempt_id) < ($5::timestamptz, $6::text)) "
+                "ORDER BY a.start_time DESC, a.attempt_id DESC LIMIT $7",
                 exam_id,
                 student_id,
                 status,
+                student_org_id,
                 None if before is None else datetime.fromisoformat(before[0]),
                 None if before is None else before[1],
                 limit,
             )
             total = await connection.fetchval(
-                f"SELECT count(*) FROM attempts a WHERE {filters}", exam_id, student_id, status
+                f"SELECT count(*) FROM attempts a WHERE {filters}", exam_id, student_id, status, student_org_id
             )
         return list(rows), int(total)
 
