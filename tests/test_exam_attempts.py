@@ -344,6 +344,9 @@ async def test_a_fixed_form_serves_its_items_in_order_and_ends_after_the_last(
         assert served == form
         assert (reply.items_answered, reply.stop_reason) == (4, res.STOP_REASON_MAX_ITEMS)
         assert reply.theta > 0  # four right answers
+        with pytest.raises(grpc.aio.AioRpcError) as in_use:  # its responses and report refer to it: retire it
+            await exam.DeleteItem(pb.DeleteItemRequest(item_id=form[0]), metadata=teacher.metadata())
+        assert (in_use.value.code(), reason(in_use.value)) == (grpc.StatusCode.FAILED_PRECONDITION, "RESOURCE_IN_USE")
 
         # Shuffled per attempt: a permutation of the form, the same on resume.
         shuffled_exam = await published([item.id for item in bank.items[:10]], shuffle=True)

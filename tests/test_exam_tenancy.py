@@ -44,13 +44,6 @@ from megacity.tenant.v1 import resources_pb2 as tenant_resources
 from megacity.tenant.v1 import tenant_service_pb2 as tenant_pb
 from tests.support.accounts import Caller, People, reason
 
-# Where the service as built reaches less far than the rules say: it refuses (NOT_FOUND) where the rules let the
-# caller through. No leak, so the tests accept the refusal there; each pair has an xfail test that passes once
-# the service follows the rule (then take the pair out).
-NARROWER_THAN_THE_RULES: frozenset[tuple[str, str]] = frozenset(
-    {("super_admin", "UpdateItem"), ("super_admin", "DeleteItem")}
-)
-
 OK = grpc.StatusCode.OK
 REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED})
 KEPT = "Kept"  # what writes that may reach their target write: the value the target has already
@@ -345,7 +338,7 @@ async def _aim(exam: Stub, name: str, person: Person, tenant: Tenant, zone: str 
         return f"{where}: {code.name} {why}, not ZONE_MISMATCH"
     allowed = operation.reached if reaches else REFUSALS
     # Without the zone the edge resolved, a call may be refused, but it reaches no further.
-    if zone == "" or (person.role, operation.rpc) in NARROWER_THAN_THE_RULES:
+    if zone == "":
         allowed |= REFUSALS
     if code in allowed:
         return None
@@ -788,12 +781,6 @@ async def test_lists_show_nothing_of_other_tenants(people: People, exam: Stub, w
     assert f"{a.org_id}:1" in seen[a.teacher.label]["ListParameterVersions"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UpdateItem and DeleteItem scope every caller to their own organisation (_own_org in "
-    "services/exam/server.py), so a super admin gets NOT_FOUND for another organisation's item, though super admins "
-    "reach everything (GetItem does use the platform scope). Refusing more is no leak; see NARROWER_THAN_THE_RULES.",
-)
 async def test_a_super_admin_changes_any_organisations_items(people: People, exam: Stub) -> None:
     org_id = await _organisation(people, "univ", "Academy D")
     teacher = await _person(people, "D's teacher", "univ", org_id, "teacher")

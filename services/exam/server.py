@@ -298,7 +298,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     ) -> pb.UpdateItemResponse:
         person = require_principal()
         _required(request.item_id, "item_id")
-        current = await self._store.item(_own_org(person), request.item_id)
+        current = await self._store.item(_staff_scope(person), request.item_id)
         paths = list(request.update_mask.paths) or [field.name for field, _ in request.item.ListFields()]
         unknown = set(paths) - items.AUTHORED_FIELDS
         if unknown:
@@ -313,7 +313,8 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         violations = Violations()
         items.check_item(violations, updated)
         violations.raise_if_any()
-        item = await self._store.replace_item(_owner(person), request.item_id, updated)
+        owner = Owner(zone_id=current.zone_id, org_id=current.org_id, creator_id=person.user_id)
+        item = await self._store.replace_item(owner, request.item_id, updated)
         await self._audit.record(
             "update", "success", resource_type="item", resource_id=item.id, details={"fields": sorted(paths)}
         )
@@ -324,7 +325,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
     ) -> pb.DeleteItemResponse:
         person = require_principal()
         _required(request.item_id, "item_id")
-        await self._store.delete_item(_own_org(person), request.item_id)
+        await self._store.delete_item(_staff_scope(person), request.item_id)
         await self._audit.record("delete", "success", resource_type="item", resource_id=request.item_id)
         return pb.DeleteItemResponse()
 

@@ -20,7 +20,7 @@ from megacity.exam.v1 import resources_pb2 as res
 from services.exam import items as item_rules
 from services.exam.analytics import ExamFigures, ScoredAttempt
 from services.runtime.database import TenantScope, tenant_transaction
-from services.runtime.errors import AlreadyExists, ErrorReason, NotFound
+from services.runtime.errors import AlreadyExists, ErrorReason, FailedPrecondition, NotFound
 
 _ITEM_SELECT = """
     SELECT i.item_id, i.zone_id, i.org_id, i.external_id, i.content_area, i.item_type, i.stem, i.choices,
@@ -244,10 +244,22 @@ class ExamStore:
         return [item_message(row) for row in rows], int(total)
 
     async def delete_item(self, scope: TenantScope, item_id: str) -> None:
+        """Deletes an item no attempt has been served; an item some attempt saw stays (its responses and reports
+        refer to it): retire it instead."""
         async with tenant_transaction(self._pool, scope) as connection:
-            deleted = await connection.execute("DELETE FROM items WHERE item_id = $1", item_id)
-        if deleted == "DELETE 0":
-            raise NotFound("no such item")
+            deleted = await connection.execute(
+                "DELETE FROM items WHERE item_id = $1 "
+                "AND NOT EXISTS (SELECT FROM attempt_responses WHERE item_id = $1) "
+                "AND NOT EXISTS (SELECT FROM attempts WHERE current_item_id = $1)",
+                item_id,
+            )
+            if deleted == "DELETE 0":
+                if await connection.fetchval("SELECT 1 FROM items WHERE item_id = $1", item_id) is None:
+                    raise NotFound("no such item")
+                raise FailedPrecondition(
+                    "attempts have been served this item: retire it instead",
+                    reason=ErrorReason.ERROR_REASON_RESOURCE_IN_USE,
+                )
 
     async def pool_size(self, scope: TenantScope, org_id: str, adaptive: res.AdaptiveConfig | None) -> int:
         """How many active items with parameters an adaptive exam of `org_id` could draw from."""
