@@ -100,6 +100,7 @@ def _required(value: str, field: str) -> None:
 
 SCORING_STREAM = "exam_scoring"
 _EXAM_CACHE_LIMIT = 1024
+_LIVE_ATTEMPTS_LIMIT = 10_000
 ATTEMPT_STATUS_VALUES = {
     "in_progress": res.ATTEMPT_STATUS_IN_PROGRESS,
     "finished": res.ATTEMPT_STATUS_FINISHED,
@@ -231,6 +232,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         self._redis = redis
         self._audit = auditor
         self._started_exams: dict[str, res.Exam] = {}
+        self._live: dict[str, tuple[asyncpg.Record, cat.CatState]] = {}
 
     # --- items -----------------------------------------------------------------------------------------------------
 
@@ -587,6 +589,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             exam_row, person.user_id, person.org_id, version, seed, bank.engine.ids[step.item], deadline
         )
         await self._states.save(attempt["attempt_id"], 1, step.state, bank)
+        self._remember(attempt, step.state)
         await self._audit.record("start", "success", resource_type="attempt", resource_id=attempt["attempt_id"])
         return pb.StartAttemptResponse(attempt=self._attempt_message(attempt, bank, exam.show_estimates))
 
@@ -596,6 +599,11 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         _required(attempt_id, "attempt_id")
         scope = TenantScope.platform() if person.role == "super_admin" else TenantScope.zone(person.zone_id)
         attempt = await self._attempts.attempt(scope, attempt_id)
+        bank, exam = await self._bank_and_exam(attempt)
+        return attempt, bank, exam
+
+    async def _bank_and_exam(self, attempt: asyncpg.Record) -> tuple[LoadedBank, res.Exam]:
+        scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
         exam = self._started_exams.get(attempt["exam_id"])
         if exam is None:
             # An exam with attempts is published or archived: its form, scale and feedback settings no longer change.
@@ -604,19 +612,30 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 self._started_exams.clear()
             self._started_exams[exam.id] = exam
         bank = await self._banks.get(scope, attempt["org_id"], attempt["parameter_version"])
-        return attempt, bank, exam
+        return bank, exam
 
     async def SubmitAnswer(
         self, request: pb.SubmitAnswerRequest, context: UnaryContext[pb.SubmitAnswerRequest, pb.SubmitAnswerResponse]
     ) -> pb.SubmitAnswerResponse:
         person = require_principal()
         _required(request.item_id, "item_id")
-        attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
+        # Taken, not read: a concurrent submit to the same attempt goes to PostgreSQL.
+        live = self._live.pop(request.attempt_id, None)
+        state: cat.CatState | None = None
+        if live is not None and live[0]["student_id"] == person.user_id:
+            attempt, state = live
+            bank, exam = await self._bank_and_exam(attempt)
+        else:
+            attempt, bank, exam = await self._attempt_and_bank(person, request.attempt_id)
         if attempt["student_id"] != person.user_id:
             raise PermissionDenied("only the attempt's student answers", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE)
         scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
-        for _ in range(2):  # a concurrent submit of the same answer makes this one a retry
+        fresh = state is None
+        for _ in range(3):  # a remembered attempt another replica moved on, then a concurrent submit of this answer
             if request.item_id != attempt["current_item_id"]:
+                if not fresh:
+                    attempt, state, fresh = await self._attempts.attempt(scope, attempt["attempt_id"]), None, True
+                    continue
                 return await self._replayed(scope, attempt, bank, exam, request.item_id)
             if attempt["deadline_time"] is not None and attempt["deadline_time"] <= datetime.now(UTC):
                 # Time is up: the late answer does not count, and the attempt ends as it stood (and is scored).
@@ -625,7 +644,8 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
                 return self._submit_reply(attempt, bank, exam, correct=None)
             position = attempt["current_position"]
-            state = await self._states.load(attempt["attempt_id"], position, bank)
+            if state is None:
+                state = await self._states.load(attempt["attempt_id"], position, bank)
             if state is None:
                 state = _rebuilt(attempt, await self._attempts.answers(scope, attempt["attempt_id"]), bank)
             row = bank.rows[bank.index[request.item_id]]
@@ -659,11 +679,21 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
                 await self._states.save(attempt["attempt_id"], position + 1, step.state, bank)
                 if next_item is None:
                     await self._finished(attempt)
+                else:
+                    self._remember(moved, step.state)
                 return self._submit_reply(moved, bank, exam, correct)
-            attempt = await self._attempts.attempt(scope, attempt["attempt_id"])
+            attempt, state, fresh = await self._attempts.attempt(scope, attempt["attempt_id"]), None, True
         raise Aborted(
             "the attempt changed while answering: retry", reason=ErrorReason.ERROR_REASON_CONCURRENT_MODIFICATION
         )
+
+    def _remember(self, attempt: asyncpg.Record, state: cat.CatState) -> None:
+        """Keeps an attempt in progress and its CAT state for its next answer, saving two reads (PostgreSQL and
+        Redis). Safe with replicas: recording the next answer checks the attempt still waits for that item at
+        that position, and a mismatch reads PostgreSQL again."""
+        if len(self._live) >= _LIVE_ATTEMPTS_LIMIT:
+            self._live.clear()
+        self._live[attempt["attempt_id"]] = (attempt, state)
 
     async def _replayed(
         self, scope: TenantScope, attempt: asyncpg.Record, bank: LoadedBank, exam: res.Exam, item_id: str
@@ -718,6 +748,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
             raise PermissionDenied(
                 "only the attempt's student finishes it", reason=ErrorReason.ERROR_REASON_OUT_OF_SCOPE
             )
+        self._live.pop(attempt["attempt_id"], None)
         if await self._attempts.finish_attempt(attempt, "student_finished"):
             await self._finished(attempt)
         scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])

@@ -700,21 +700,22 @@ class AttemptStore:
         stop_reason: str,
     ) -> asyncpg.Record | None:
         """Stores the answer and moves the attempt on, atomically and only if the attempt still waits for this item
-        at this position: the attempt as it is now, or None when another submit got there first."""
+        at this position: the attempt as it is now (the columns `attempt` returns), or None when another submit
+        got there first."""
         scope = TenantScope.org(attempt["zone_id"], attempt["org_id"])
         # One statement (one round trip): the attempt moves on, the answer is stored and the item's exposure counted,
         # all or nothing.
         async with tenant_transaction(self._pool, scope) as connection:
             moved = await connection.fetchrow(
                 "WITH moved AS ("
-                "  UPDATE attempts SET current_item_id = $3, current_position = current_position + 1, "
+                "  UPDATE attempts a SET current_item_id = $3, current_position = a.current_position + 1, "
                 "  current_serve_time = CASE WHEN $3::text IS NULL THEN NULL ELSE now() END, theta = $4, "
                 "  standard_error = $5, set_aside = $6, stop_reason = $7, "
-                f"  status = CASE WHEN $3::text IS NULL THEN {_ended_status('$7')} ELSE status END, "
-                "  finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END "
-                "  WHERE attempt_id = $1 AND current_item_id = $2 AND current_position = $8 AND status = 'in_progress' "
-                "  RETURNING attempt_id, zone_id, org_id, status, current_item_id, current_position, "
-                "  current_serve_time, theta, standard_error, stop_reason, deadline_time"
+                f"  status = CASE WHEN $3::text IS NULL THEN {_ended_status('$7')} ELSE a.status END, "
+                "  finish_time = CASE WHEN $3::text IS NULL THEN now() ELSE NULL END FROM exams e "
+                "  WHERE e.exam_id = a.exam_id AND a.attempt_id = $1 AND a.current_item_id = $2 "
+                "  AND a.current_position = $8 AND a.status = 'in_progress' "
+                f"  RETURNING {_ATTEMPT_COLUMNS}"
                 "), answered AS ("
                 "  INSERT INTO attempt_responses (attempt_id, position, item_id, zone_id, org_id, content_area, "
                 "  response, correct, theta, standard_error, response_time_ms) "
@@ -723,8 +724,7 @@ class AttemptStore:
                 "), exposed AS ("
                 "  UPDATE items SET exposure_count = exposure_count + 1 "
                 "  WHERE item_id = $2 AND EXISTS (SELECT FROM moved)"
-                ") SELECT attempt_id, status, current_item_id, current_position, current_serve_time, theta, "
-                "standard_error, stop_reason, deadline_time FROM moved",
+                ") SELECT * FROM moved",
                 attempt["attempt_id"],
                 answer.item_id,
                 next_item,
