@@ -296,6 +296,20 @@ async def test_no_tenant_context_sees_nothing(exam_pool: asyncpg.Pool) -> None:
             assert await connection.fetchval("SELECT count(*) FROM rls_probe") == 0
 
 
+async def test_a_transaction_abandoned_midway_leaves_no_tenant_behind(exam_pool: asyncpg.Pool) -> None:
+    async def abandoned(ending: BaseException) -> None:
+        async with tenant_transaction(exam_pool, TenantScope.platform()) as connection:
+            assert await connection.fetchval("SELECT count(*) FROM rls_probe") == len(ROWS)
+            raise ending
+
+    for ending in (RuntimeError("the handler failed"), asyncio.CancelledError()):
+        with pytest.raises(type(ending)):
+            await abandoned(ending)
+        async with exam_pool.acquire() as connection:  # the same connection (max_size=1), no reset query
+            assert await connection.fetchval("SELECT count(*) FROM rls_probe") == 0
+            assert await connection.fetchval("SELECT current_setting('megacity.scope', true)") in (None, "")
+
+
 async def test_writes_outside_the_tenant_are_refused(exam_pool: asyncpg.Pool, fresh_database: str) -> None:
     scope = TenantScope.org("univ", "org-a")
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
