@@ -3,7 +3,8 @@
 `up` runs a supervisor (in the foreground, or detached with `--detach`) that starts, in order: embedded
 PostgreSQL and Redis (unless MEGACITY_DATABASE_URL / MEGACITY_REDIS_URL point at external ones), the
 migrations and per-service database logins, the dev PKI, then every catalog service as its own process
-(`megacity serve <name>`). It waits until every service reports SERVING over mTLS, records what runs where
+(`megacity serve <name>`), and the Envoy edge compiled from the contracts and the zones (gateway/). It waits
+until every service reports SERVING over mTLS and the edge is ready, records what runs where
 in $MEGACITY_HOME/run/mesh.json, restarts a service process that dies, and on SIGTERM/SIGINT stops the
 services (gracefully) before Redis and PostgreSQL. `down` asks the supervisor to do that and waits.
 """
@@ -26,6 +27,8 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway import edge
+from gateway.envoy_config import EdgeSettings
 from ops.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_secret, local_postgres, local_redis
 from services.auth.settings import PII_KEYS_VARIABLE
 from services.runtime.catalog import Catalog, load_catalog
@@ -39,7 +42,7 @@ RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 @dataclass
 class Component:
     name: str
-    kind: str  # "postgres", "redis" or "service"
+    kind: str  # "postgres", "redis", "service" or "edge"
     address: str
     pid: int | None = None
     identity: str = ""
@@ -132,9 +135,24 @@ async def _tcp_reachable(address: str, timeout: float = 2.0) -> bool:
     return True
 
 
+async def _edge_health(admin: str, timeout: float = 2.0) -> str:
+    """Envoy's own readiness (its admin /ready: LIVE once its listeners are up)."""
+    host, _, port = admin.rpartition(":")
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        writer.write(f"GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), timeout)
+        writer.close()
+    except (OSError, TimeoutError):
+        return "UNREACHABLE"
+    return "SERVING" if answer.startswith(b"HTTP/1.1 200") else "NOT_SERVING"
+
+
 async def _component_health(catalog: Catalog, ops: Credentials, component: Component) -> str:
     if component.kind == "service":
         return await _service_health(catalog, ops, component.name, component.address)
+    if component.kind == "edge":
+        return await _edge_health(component.metrics)
     return "SERVING" if await _tcp_reachable(component.address) else "UNREACHABLE"
 
 
@@ -154,10 +172,11 @@ def _address_of(url: str, default_port: int) -> str:
 
 
 class _ServiceProcess:
-    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path, command: list[str] | None = None) -> None:
         self.name = name
         self.env = dict(env)
         self.log_path = log_path
+        self.command = command or [sys.executable, "-m", "ops.cli", "serve", name]
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.next_start = 0.0
@@ -166,7 +185,7 @@ class _ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "ops.cli", "serve", self.name],
+                self.command,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -188,6 +207,8 @@ class Supervisor:
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
         self.services: dict[str, _ServiceProcess] = {}
+        self.edge: _ServiceProcess | None = None
+        self.edge_settings: EdgeSettings | None = None
         self.state = MeshState(supervisor_pid=os.getpid(), phase="starting", home=str(home))
 
     def _infra_components(self, database_url: str, redis_url: str) -> list[Component]:
@@ -226,6 +247,19 @@ class Supervisor:
             )
             for name, process in self.services.items()
         ]
+        if self.edge is not None and self.edge_settings is not None:
+            services.append(
+                Component(
+                    name="edge",
+                    kind="edge",
+                    address=f"{self.edge_settings.listen_host}:{self.edge_settings.listen_port}",
+                    pid=self.edge.pid,
+                    identity=self.catalog.spiffe_id("edge"),
+                    metrics=f"127.0.0.1:{self.edge_settings.admin_port}",
+                    log=str(self.edge.log_path),
+                    restarts=self.edge.restarts,
+                )
+            )
         self.state.phase = phase
         self.state.components = infra + services
         self.state.error = error
@@ -274,8 +308,15 @@ class Supervisor:
             process = _ServiceProcess(name, env, self.home / "logs" / f"{name}.log")
             process.start()
             self.services[name] = process
+        self.edge_settings = edge.settings(self.catalog, pki_dir(), await edge.load_zones(database_admin_url))
+        config = edge.write_config(self.edge_settings, self.catalog, self.home / "run" / "edge.json")
+        self.edge = _ServiceProcess("edge", base_env, self.home / "logs" / "edge.log", edge.envoy_command(config))
+        self.edge.start()
         self._publish("starting", infra)
         return infra
+
+    def _processes(self) -> list[_ServiceProcess]:
+        return [*self.services.values(), *([self.edge] if self.edge is not None else [])]
 
     async def wait_until_serving(self, infra: list[Component], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -284,7 +325,7 @@ class Supervisor:
             if all(value == "SERVING" for value in health.values()):
                 self._publish("ready", infra)
                 return True
-            dead = [name for name, process in self.services.items() if process.exited()]
+            dead = [process.name for process in self._processes() if process.exited()]
             if dead:
                 self._publish("failed", infra, f"exited during start-up: {', '.join(dead)} (see their logs)")
                 return False
@@ -300,7 +341,7 @@ class Supervisor:
     async def watch(self, infra: list[Component], stop: asyncio.Event) -> None:
         """Restart service processes that die, with backoff, until asked to stop."""
         while not stop.is_set():
-            for process in self.services.values():
+            for process in self._processes():
                 if process.exited() and time.monotonic() >= process.next_start:
                     delay = RESTART_BACKOFF_SECONDS[min(process.restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
                     process.restarts += 1
@@ -313,7 +354,7 @@ class Supervisor:
     async def stop(self, grace: float = 15.0) -> None:
         self.state.phase = "stopping"
         _write_state(self.state)
-        running = [p.process for p in self.services.values() if p.process and p.process.poll() is None]
+        running = [p.process for p in self._processes() if p.process and p.process.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -34,7 +35,7 @@ def _ports_free(ports: list[int]) -> bool:
 
 def _free_offset() -> int:
     catalog = load_catalog()
-    base = [7432, 7379] + [p for e in catalog.services.values() for p in (e.port, e.metrics_port)]
+    base = [7432, 7379, 8080, 9901] + [p for e in catalog.services.values() for p in (e.port, e.metrics_port)]
     for _ in range(50):
         offset = random.randrange(10_000, 40_000, 100)
         if _ports_free([port + offset for port in base]):
@@ -46,6 +47,29 @@ def _megacity(env: dict[str, str], *args: str, timeout: float = 180) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "ops.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _edge_call(address: str, path: str, account: dict[str, str]) -> dict[str, Any]:
+    """POSTs the account's credentials as JSON through the edge, as the zone's API host; retried for a while, as
+    a client would while the edge or a service comes back."""
+    host, _, port = address.rpartition(":")
+    body = json.dumps({"email": account["email"], "password": account["password"]})
+    failure: object = None
+    for _ in range(20):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("POST", path, body=body, headers={"Host": "api.univprepai.com"})
+            response = connection.getresponse()
+            payload = response.read()
+            if response.status == 200:
+                return dict(json.loads(payload))
+            failure = (response.status, payload)
+        except ConnectionError as error:
+            failure = error
+        finally:
+            connection.close()
+        time.sleep(0.5)
+    raise AssertionError(f"the edge did not answer {path}: {failure}")
 
 
 def _status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -72,7 +96,7 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         assert code == 0
         assert status["phase"] == "ready"
         components = {c["name"]: c for c in status["components"]}
-        assert set(components) == {"postgres", "redis", *catalog.services}
+        assert set(components) == {"postgres", "redis", *catalog.services, "edge"}
         assert all(c["health"] == "SERVING" for c in components.values())
         assert components["exam"]["identity"] == "spiffe://megacity.local/ns/megacity/sa/exam"
         assert (home / "pki" / "ca.pem").exists()
@@ -93,23 +117,32 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         ]
         assert all(account["user_id"] for account in first["accounts"])
 
-        # A service process that dies is restarted by the supervisor and becomes SERVING again.
-        os.kill(components["tenant"]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while True:
-            code, status = _status(env)
-            tenant = next(c for c in status["components"] if c["name"] == "tenant")
-            if code == 0 and tenant["restarts"] == 1:
-                break
-            assert time.monotonic() < deadline, f"tenant was not restarted: {tenant}"
-            time.sleep(0.5)
+        # The edge serves REST from the contracts: the demo student signs in through it.
+        student = next(account for account in first["accounts"] if account["role"] == "student")
+        signed_in = _edge_call(components["edge"]["address"], "/api/v1/auth/login", student)
+        assert signed_in["access_token"]
+
+        # A process that dies (a service, or Envoy while clients call it) is restarted by the supervisor and
+        # becomes SERVING again; clients recover without anyone stepping in.
+        restarted = {}
+        for name in ("tenant", "edge"):
+            os.kill(components[name]["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:
+                code, status = _status(env)
+                restarted[name] = next(c for c in status["components"] if c["name"] == name)
+                if code == 0 and restarted[name]["restarts"] == 1:
+                    break
+                assert time.monotonic() < deadline, f"{name} was not restarted: {restarted[name]}"
+                time.sleep(0.5)
+        assert _edge_call(components["edge"]["address"], "/api/v1/auth/login", student)["access_token"]
 
         stopped = _megacity(env, "down")
         assert stopped.returncode == 0, stopped.stderr
         code, status = _status(env)
         assert code == 3
         assert status["phase"] == "down"
-        pids = [c["pid"] for c in components.values() if c["pid"]] + [tenant["pid"]]
+        pids = [c["pid"] for c in components.values() if c["pid"]] + [c["pid"] for c in restarted.values()]
         assert not [pid for pid in pids if process_running(pid)]
     finally:
         _megacity(env, "down")

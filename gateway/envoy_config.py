@@ -1,0 +1,371 @@
+"""The edge's Envoy configuration, compiled from the contracts, the service catalog and the zones.
+
+Typed (envoy-data-plane), never hand-written YAML. What it builds:
+- one listener; the gRPC-JSON transcoder serves every RPC with a `google.api.http` rule and nothing else (unknown
+  paths and query parameters are refused by the transcoder, internal RPCs have no route);
+- one virtual host per zone for `api.<domain>` of each of its domains, which sets `x-megacity-zone` (overwriting
+  any copy a client sent: the zone cannot be forged), a dev virtual host for localhost with a default zone, and a
+  catch-all that answers 404 for any other host;
+- one route per public RPC, matched on its gRPC path after transcoding, to its service's cluster, with the route's
+  timeout (streaming RPCs: no overall timeout, an idle timeout instead);
+- one cluster per service, HTTP/2 over mTLS with the edge's own identity from the catalog's PKI, checking the
+  service's SPIFFE ID;
+- the security headers on every response, no server banner, request ids, JSON access logs on stdout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import betterproto2
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    Http2ProtocolOptions,
+    RuntimeUInt32,
+    SocketAddress,
+    SubstitutionFormatString,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
+    GrpcJsonTranscoder,
+    GrpcJsonTranscoderPrintOptions,
+    GrpcJsonTranscoderRequestValidationOptions,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerServerHeaderTransformation,
+    HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+from envoy_data_plane.google.protobuf import Struct
+from google.protobuf import descriptor_pool
+
+from services.runtime.catalog import Catalog
+from services.runtime.contracts import MethodInfo, service_methods
+
+ZONE_HEADER = "x-megacity-zone"
+DEFAULT_TIMEOUT = timedelta(seconds=30)
+STREAM_IDLE_TIMEOUT = timedelta(seconds=60)
+# Longer for uploads the K-Zone analyses (its issue): voice 60 s, dance 300 s.
+ROUTE_TIMEOUTS = {
+    "megacity.kzone.v1.KZoneService/AnalyzeVoiceFile": timedelta(seconds=60),
+    "megacity.kzone.v1.KZoneService/DetectDancePose": timedelta(seconds=300),
+}
+SECURITY_HEADERS = {
+    "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "SAMEORIGIN",
+    "referrer-policy": "no-referrer-when-downgrade",
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+    "permissions-policy": "camera=(), microphone=(), geolocation=()",
+}
+# The gRPC code a reply Envoy makes itself stands for, by HTTP status (the inverse of the transcoder's mapping).
+LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 408: 4, 409: 10, 413: 8, 429: 8, 431: 3, 501: 12, 503: 14, 504: 4}
+_INTERNAL = 13
+JSON_CONTENT_TYPE = "application/json"
+_ACCESS_LOG_FIELDS = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "rpc": "%REQ(:PATH)%",
+    "host": "%REQ(:AUTHORITY)%",
+    "zone": "%REQ(X-MEGACITY-ZONE)%",
+    "status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS(NUMBER)%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_CLUSTER%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+}
+
+
+@dataclass(frozen=True)
+class EdgeZone:
+    zone_id: str
+    domains: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    listen_host: str
+    listen_port: int
+    admin_port: int
+    descriptor_set: Path
+    pki_dir: Path
+    # host:port per catalog service name
+    targets: dict[str, str]
+    zones: tuple[EdgeZone, ...]
+    # the zone of requests to localhost (development)
+    dev_zone: str
+
+
+@dataclass(frozen=True)
+class PublicRoute:
+    service: str  # the catalog name of the service serving it
+    method: MethodInfo
+
+
+def public_routes(catalog: Catalog, pool: descriptor_pool.DescriptorPool) -> list[PublicRoute]:
+    """Every RPC with an HTTP rule, with the service that serves it, in catalog order."""
+    found = []
+    for entry in catalog.services.values():
+        for grpc_service in entry.grpc_services:
+            for method in service_methods(pool, grpc_service) or ():
+                if method.public:
+                    found.append(PublicRoute(entry.name, method))
+    return found
+
+
+def _typed(message: betterproto2.Message) -> AnyMessage:
+    return AnyMessage.pack(message)
+
+
+def _headers(values: dict[str, str], action: HeaderValueOptionHeaderAppendAction) -> list[HeaderValueOption]:
+    return [
+        HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=action)
+        for key, value in values.items()
+    ]
+
+
+def _status_json(code: int) -> SubstitutionFormatString:
+    """A google.rpc.Status as JSON, the body of every error at the edge, whoever made it."""
+    return SubstitutionFormatString(
+        json_format=Struct.from_dict({"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []}),
+        content_type=JSON_CONTENT_TYPE,
+    )
+
+
+def _local_replies() -> LocalReplyConfig:
+    """Envoy's own replies (no route, unknown method or query parameter, upstream down, timeouts) as JSON Status,
+    never text or HTML."""
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    status_code_filter=StatusCodeFilter(
+                        comparison=ComparisonFilter(
+                            op=ComparisonFilterOp.EQ,
+                            value=RuntimeUInt32(default_value=status, runtime_key=f"megacity.local_reply.{status}"),
+                        )
+                    )
+                ),
+                body_format_override=_status_json(code),
+            )
+            for status, code in LOCAL_REPLY_CODES.items()
+        ],
+        body_format=_status_json(_INTERNAL),
+    )
+
+
+def _route(route: PublicRoute) -> Route:
+    streaming = route.method.client_streaming or route.method.server_streaming
+    action = RouteAction(
+        cluster=route.service,
+        timeout=timedelta(0) if streaming else ROUTE_TIMEOUTS.get(route.method.path.lstrip("/"), DEFAULT_TIMEOUT),
+        idle_timeout=STREAM_IDLE_TIMEOUT if streaming else None,
+    )
+    return Route(name=route.method.path, match=RouteMatch(path=route.method.path), route=action)
+
+
+def _virtual_host(name: str, domains: list[str], zone: str, routes: list[Route]) -> VirtualHost:
+    overwrite = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+    return VirtualHost(
+        name=name,
+        domains=domains,
+        routes=routes,
+        request_headers_to_add=_headers({ZONE_HEADER: zone}, overwrite),
+    )
+
+
+def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -> Cluster:
+    host, _, port = target.rpartition(":")
+    tls = UpstreamTlsContext(
+        sni=f"{name}.{catalog.trust_domain}",
+        common_tls_context=CommonTlsContext(
+            tls_certificates=[
+                TlsCertificate(
+                    certificate_chain=DataSource(filename=str(settings.pki_dir / "edge.pem")),
+                    private_key=DataSource(filename=str(settings.pki_dir / "edge-key.pem")),
+                )
+            ],
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=str(settings.pki_dir / "ca.pem")),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.URI,
+                        matcher=StringMatcher(exact=catalog.spiffe_id(name)),
+                    )
+                ],
+            ),
+            alpn_protocols=["h2"],
+        ),
+    )
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=timedelta(seconds=2),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=Endpoint(
+                                address=Address(socket_address=SocketAddress(address=host, port_value=int(port)))
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        },
+        transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=_typed(tls)),
+    )
+
+
+def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor_pool.DescriptorPool) -> Bootstrap:
+    routes = public_routes(catalog, pool)
+    envoy_routes = [_route(route) for route in routes]
+    zone_hosts = [
+        _virtual_host(
+            f"zone-{zone.zone_id}",
+            sorted({f"api.{domain}{port}" for domain in zone.domains for port in ("", ":*")}),
+            zone.zone_id,
+            envoy_routes,
+        )
+        for zone in settings.zones
+    ]
+    dev_host = _virtual_host(
+        "dev-localhost",
+        ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"],
+        settings.dev_zone,
+        envoy_routes,
+    )
+    unknown_host = VirtualHost(
+        name="unknown-host",
+        domains=["*"],
+        routes=[
+            Route(
+                match=RouteMatch(prefix="/"),
+                direct_response=DirectResponseAction(
+                    status=404,
+                    body=DataSource(inline_string='{"code": 5, "message": "unknown host", "details": []}'),
+                ),
+                response_headers_to_add=_headers(
+                    {"content-type": JSON_CONTENT_TYPE}, HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+                ),
+            )
+        ],
+    )
+    transcoder = GrpcJsonTranscoder(
+        proto_descriptor=str(settings.descriptor_set),
+        services=sorted({route.method.service for route in routes}),
+        print_options=GrpcJsonTranscoderPrintOptions(
+            preserve_proto_field_names=True, always_print_primitive_fields=True, always_print_enums_as_ints=False
+        ),
+        request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
+            reject_unknown_method=True, reject_unknown_query_parameters=True
+        ),
+        convert_grpc_status=True,
+    )
+    manager = HttpConnectionManager(
+        stat_prefix="edge",
+        route_config=RouteConfiguration(
+            name="edge",
+            virtual_hosts=[*zone_hosts, dev_host, unknown_host],
+            response_headers_to_add=_headers(
+                SECURITY_HEADERS, HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+            ),
+        ),
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_typed(transcoder)),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_typed(Router())),
+        ],
+        server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
+        generate_request_id=True,
+        local_reply_config=_local_replies(),
+        always_set_request_id_in_response=True,
+        access_log=[
+            AccessLog(
+                name="envoy.access_loggers.stdout",
+                typed_config=_typed(
+                    StdoutAccessLog(
+                        log_format=SubstitutionFormatString(json_format=Struct.from_dict(_ACCESS_LOG_FIELDS))
+                    )
+                ),
+            )
+        ],
+    )
+    listener = Listener(
+        name="edge",
+        address=Address(socket_address=SocketAddress(address=settings.listen_host, port_value=settings.listen_port)),
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_typed(manager),
+                    )
+                ]
+            )
+        ],
+    )
+    used = sorted({route.service for route in routes})
+    return Bootstrap(
+        static_resources=BootstrapStaticResources(
+            listeners=[listener],
+            clusters=[_cluster(name, settings.targets[name], settings, catalog) for name in used],
+        ),
+        admin=Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=settings.admin_port))),
+    )
