@@ -36,6 +36,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
     Http2ProtocolOptions,
+    HttpUri,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
@@ -45,17 +46,27 @@ from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, End
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
+    HeaderMatcher,
     Route,
     RouteAction,
+    RouteActionClusterNotFoundResponseCode,
     RouteConfiguration,
     RouteMatch,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
     GrpcJsonTranscoder,
     GrpcJsonTranscoderPrintOptions,
     GrpcJsonTranscoderRequestValidationOptions,
+)
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwtAuthentication,
+    JwtProvider,
+    JwtRequirement,
+    PerRouteConfig,
+    RemoteJwks,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -77,7 +88,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 from google.protobuf import descriptor_pool
@@ -86,6 +97,16 @@ from services.runtime.catalog import Catalog
 from services.runtime.contracts import MethodInfo, service_methods
 
 ZONE_HEADER = "x-megacity-zone"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+CORS_FILTER = "envoy.filters.http.cors"
+# Browsers of the zone's app (https://app.<domain>) call its API with credentials (the refresh-token cookie).
+CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"
+CORS_HEADERS = "authorization, content-type, x-request-id"
+DEV_ORIGIN = r"http://(localhost|127\.0\.0\.1)(:[0-9]+)?"
+JWKS_PATH = "/.well-known/jwks.json"
+# How long the edge trusts a fetched JWKS before fetching it again.
+JWKS_CACHE = timedelta(minutes=5)
+JWKS_CLUSTER = "edge_jwks"
 DEFAULT_TIMEOUT = timedelta(seconds=30)
 STREAM_IDLE_TIMEOUT = timedelta(seconds=60)
 # Longer for uploads the K-Zone analyses (its issue): voice 60 s, dance 300 s.
@@ -195,8 +216,20 @@ def _local_replies() -> LocalReplyConfig:
                 body_format_override=_status_json(code),
             )
             for status, code in LOCAL_REPLY_CODES.items()
+        ]
+        + [
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    status_code_filter=StatusCodeFilter(
+                        comparison=ComparisonFilter(
+                            op=ComparisonFilterOp.GE,
+                            value=RuntimeUInt32(default_value=400, runtime_key="megacity.local_reply.error"),
+                        )
+                    )
+                ),
+                body_format_override=_status_json(_INTERNAL),
+            )
         ],
-        body_format=_status_json(_INTERNAL),
     )
 
 
@@ -207,16 +240,97 @@ def _route(route: PublicRoute) -> Route:
         timeout=timedelta(0) if streaming else ROUTE_TIMEOUTS.get(route.method.path.lstrip("/"), DEFAULT_TIMEOUT),
         idle_timeout=STREAM_IDLE_TIMEOUT if streaming else None,
     )
-    return Route(name=route.method.path, match=RouteMatch(path=route.method.path), route=action)
+    anonymous = route.method.access is not None and route.method.access.anonymous
+    # Anonymous RPCs (register, login, refresh, JWKS, health) pass without a token; every other one needs a valid
+    # one here, and the service verifies it again (and its revocation, zone and permission).
+    jwt = PerRouteConfig(disabled=True) if anonymous else PerRouteConfig(requirement_name="person")
+    return Route(
+        name=route.method.path,
+        match=RouteMatch(path=route.method.path),
+        route=action,
+        typed_per_filter_config={JWT_FILTER: _typed(jwt)},
+    )
 
 
-def _virtual_host(name: str, domains: list[str], zone: str, routes: list[Route]) -> VirtualHost:
+def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
+    """Access tokens checked against the auth service's JWKS, fetched through the edge itself (the dev host)."""
+    return JwtAuthentication(
+        providers={
+            "megacity": JwtProvider(
+                remote_jwks=RemoteJwks(
+                    http_uri=HttpUri(
+                        uri=f"http://localhost:{settings.listen_port}{JWKS_PATH}",
+                        cluster=JWKS_CLUSTER,
+                        timeout=timedelta(seconds=2),
+                    ),
+                    cache_duration=JWKS_CACHE,
+                ),
+                forward=True,
+                require_expiration=True,
+            )
+        },
+        requirement_map={"person": JwtRequirement(provider_name="megacity")},
+    )
+
+
+def _jwks_cluster(settings: EdgeSettings) -> Cluster:
+    address = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::") else settings.listen_host  # noqa: S104
+    return Cluster(
+        name=JWKS_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=timedelta(seconds=2),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=JWKS_CLUSTER,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(
+                            endpoint=Endpoint(
+                                address=Address(
+                                    socket_address=SocketAddress(address=address, port_value=settings.listen_port)
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+
+
+def _cors(origins: list[StringMatcher]) -> CorsPolicy:
+    return CorsPolicy(
+        allow_origin_string_match=origins,
+        allow_methods=CORS_METHODS,
+        allow_headers=CORS_HEADERS,
+        expose_headers="x-request-id",
+        max_age="86400",
+        allow_credentials=True,
+    )
+
+
+# Preflights have no RPC: this route gives the CORS filter a route (one with a route action: it ignores direct
+# responses) to answer them on. A preflight it does not answer (an origin not allowed) gets 404: no cluster is
+# named like a path.
+_PREFLIGHT = Route(
+    name="cors-preflight",
+    match=RouteMatch(prefix="/", headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="OPTIONS"))]),
+    route=RouteAction(
+        cluster_header=":path", cluster_not_found_response_code=RouteActionClusterNotFoundResponseCode.NOT_FOUND
+    ),
+)
+
+
+def _virtual_host(
+    name: str, domains: list[str], zone: str, routes: list[Route], origins: list[StringMatcher]
+) -> VirtualHost:
     overwrite = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
     return VirtualHost(
         name=name,
         domains=domains,
-        routes=routes,
+        routes=[_PREFLIGHT, *routes],
         request_headers_to_add=_headers({ZONE_HEADER: zone}, overwrite),
+        typed_per_filter_config={CORS_FILTER: _typed(_cors(origins))},
     )
 
 
@@ -283,6 +397,7 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             sorted({f"api.{domain}{port}" for domain in zone.domains for port in ("", ":*")}),
             zone.zone_id,
             envoy_routes,
+            [StringMatcher(exact=f"https://app.{domain}") for domain in zone.domains],
         )
         for zone in settings.zones
     ]
@@ -291,6 +406,7 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"],
         settings.dev_zone,
         envoy_routes,
+        [StringMatcher(safe_regex=RegexMatcher(regex=DEV_ORIGIN))],
     )
     unknown_host = VirtualHost(
         name="unknown-host",
@@ -298,13 +414,7 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         routes=[
             Route(
                 match=RouteMatch(prefix="/"),
-                direct_response=DirectResponseAction(
-                    status=404,
-                    body=DataSource(inline_string='{"code": 5, "message": "unknown host", "details": []}'),
-                ),
-                response_headers_to_add=_headers(
-                    {"content-type": JSON_CONTENT_TYPE}, HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
-                ),
+                direct_response=DirectResponseAction(status=404, body=DataSource(inline_string="unknown host")),
             )
         ],
     )
@@ -314,8 +424,9 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         print_options=GrpcJsonTranscoderPrintOptions(
             preserve_proto_field_names=True, always_print_primitive_fields=True, always_print_enums_as_ints=False
         ),
+        # Unknown paths and methods pass through untransformed and find no route (404); CORS preflights find theirs.
         request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
-            reject_unknown_method=True, reject_unknown_query_parameters=True
+            reject_unknown_method=False, reject_unknown_query_parameters=True
         ),
         convert_grpc_status=True,
     )
@@ -330,6 +441,9 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         ),
         http_filters=[
             HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_typed(transcoder)),
+            # After the transcoder: routes match gRPC paths, so each RPC's CORS policy and token requirement are found.
+            HttpFilter(name=CORS_FILTER, typed_config=_typed(Cors())),
+            HttpFilter(name=JWT_FILTER, typed_config=_typed(_jwt_authentication(settings))),
             HttpFilter(name="envoy.filters.http.router", typed_config=_typed(Router())),
         ],
         server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
@@ -365,7 +479,10 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
     return Bootstrap(
         static_resources=BootstrapStaticResources(
             listeners=[listener],
-            clusters=[_cluster(name, settings.targets[name], settings, catalog) for name in used],
+            clusters=[
+                *(_cluster(name, settings.targets[name], settings, catalog) for name in used),
+                _jwks_cluster(settings),
+            ],
         ),
         admin=Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=settings.admin_port))),
     )

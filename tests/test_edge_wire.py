@@ -133,6 +133,14 @@ async def test_a_person_registers_logs_in_and_reads_themselves_through_the_edge(
         assert me.headers[name] == value
     assert "server" not in me.headers
 
+    # A token whose signature does not match is refused at the edge; a valid one passes it (to a service that is
+    # not running in this test: 503).
+    forged = {"authorization": f"Bearer {login.body['access_token'][:-4]}AAAA"}
+    refused = await edge.call("GET", "/api/v1/users/me", headers=forged)
+    assert (refused.status, refused.body["code"], refused.headers["content-type"]) == (401, 16, "application/json")
+    down = await edge.call("GET", "/api/v1/exams", headers=bearer)
+    assert (down.status, down.body["code"]) == (503, 14)
+
     # The same token at another zone's host: refused by the service, as the zone the edge resolved says.
     elsewhere = await edge.call("GET", "/api/v1/users/me", host=KZONE, headers=bearer)
     assert (elsewhere.status, _reason(elsewhere)) == (403, "ZONE_MISMATCH")
@@ -159,7 +167,7 @@ async def test_only_public_rpcs_of_known_hosts_are_reachable(edge: Edge) -> None
         ("GET", "/api/v1/no-such-thing", UNIV, 404, 5),
         ("GET", "/api/v1/users/me?debug=1", UNIV, 400, 3),  # unknown query parameter
         ("GET", "/api/v1/users/me", "api.example.org", 404, 5),  # unknown host
-        ("GET", "/api/v1/exams", UNIV, 503, 14),  # the exam service is not running here
+        ("GET", "/api/v1/exams", UNIV, 401, 16),  # no token: refused at the edge
     ]
     for method, path, host, status, code in refusals:
         reply = await edge.call(method, path, host=host, body={} if method == "POST" else None)
@@ -169,3 +177,28 @@ async def test_only_public_rpcs_of_known_hosts_are_reachable(edge: Edge) -> None
     jwks = await edge.call("GET", "/.well-known/jwks.json", host="localhost")
     assert jwks.status == 200
     assert jwks.body["keys"][0]["kty"] == "OKP"
+
+
+async def test_the_zones_app_may_call_its_api_from_a_browser(edge: Edge) -> None:
+    app = "https://app.univprepai.com"
+    preflight = await edge.call(
+        "OPTIONS",
+        "/api/v1/auth/login",
+        headers={
+            "origin": app,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type",
+        },
+    )
+    assert preflight.status in (200, 204)
+    assert preflight.headers["access-control-allow-origin"] == app
+    assert preflight.headers["access-control-allow-credentials"] == "true"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    # Another zone's app, or any other site, is not allowed.
+    for stranger in ("https://app.my-ktube.com", "https://evil.example"):
+        refused = await edge.call(
+            "OPTIONS", "/api/v1/auth/login", headers={"origin": stranger, "access-control-request-method": "POST"}
+        )
+        assert "access-control-allow-origin" not in refused.headers
+    answered = await edge.call("GET", "/.well-known/jwks.json", headers={"origin": app})
+    assert (answered.status, answered.headers["access-control-allow-origin"]) == (200, app)
