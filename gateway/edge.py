@@ -7,6 +7,7 @@ configuration written where Envoy reads it, and Envoy's command line.
 | MEGACITY_EDGE_PORT          | 8080      | its HTTP port (plus MEGACITY_PORT_OFFSET)                            |
 | MEGACITY_EDGE_ADMIN_PORT    | 9901      | Envoy's admin port, loopback only (plus MEGACITY_PORT_OFFSET)        |
 | MEGACITY_EDGE_DEV_ZONE      | univ      | the zone of requests to localhost (development)                      |
+| MEGACITY_RATELIMIT_PORT     | 8081      | the rate-limit service, loopback only (plus MEGACITY_PORT_OFFSET)    |
 
 Zones are data (the tenant service's `zones` and `zone_domains`): the edge is compiled from them when it starts,
 so a zone added later reaches the edge at its next start.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import asyncpg
 
+from gateway import ratelimit
 from gateway.envoy_config import EdgeSettings, EdgeZone, compile_bootstrap
 from services.runtime.catalog import Catalog
 from services.runtime.config import env_number, port_offset, target_of
@@ -36,7 +38,12 @@ def settings(catalog: Catalog, pki_dir: Path, zones: tuple[EdgeZone, ...]) -> Ed
         targets={name: target_of(entry) for name, entry in catalog.services.items()},
         zones=zones,
         dev_zone=os.environ.get("MEGACITY_EDGE_DEV_ZONE", "univ"),
+        ratelimit_target=f"127.0.0.1:{ratelimit.port()}",
     )
+
+
+def ratelimit_command() -> list[str]:
+    return [sys.executable, "-m", "gateway.ratelimit"]
 
 
 async def load_zones(database_url: str) -> tuple[EdgeZone, ...]:

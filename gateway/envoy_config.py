@@ -31,7 +31,10 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, Bootstr
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    ApiVersion,
     DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
@@ -44,9 +47,14 @@ from envoy_data_plane.envoy.config.core.v3 import (
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.ratelimit.v3 import RateLimitServiceConfig
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
+    RateLimit,
+    RateLimitAction,
+    RateLimitActionGenericKey,
+    RateLimitActionRemoteAddress,
     Route,
     RouteAction,
     RouteActionClusterNotFoundResponseCode,
@@ -68,6 +76,7 @@ from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     PerRouteConfig,
     RemoteJwks,
 )
+from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import RateLimit as RateLimitFilter
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -89,10 +98,12 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 from google.protobuf import descriptor_pool
 
+from gateway.ratelimit import DOMAIN as RATELIMIT_DOMAIN
 from services.runtime.catalog import Catalog
 from services.runtime.contracts import MethodInfo, service_methods
 
@@ -107,6 +118,12 @@ JWKS_PATH = "/.well-known/jwks.json"
 # How long the edge trusts a fetched JWKS before fetching it again.
 JWKS_CACHE = timedelta(minutes=5)
 JWKS_CLUSTER = "edge_jwks"
+RATELIMIT_CLUSTER = "edge_ratelimit"
+LOGIN_RPC = "/megacity.auth.v1.AuthService/Login"
+JWKS_RPC = "/megacity.auth.v1.AuthService/GetJwks"
+KZONE_SERVICE = "megacity.kzone.v1.KZoneService"
+# Rate-limit stages: one filter each, so login fails closed and the rest open when the service is down.
+_LOGIN_STAGE, _API_STAGE = 0, 1
 DEFAULT_TIMEOUT = timedelta(seconds=30)
 STREAM_IDLE_TIMEOUT = timedelta(seconds=60)
 # Longer for uploads the K-Zone analyses (its issue): voice 60 s, dance 300 s.
@@ -161,6 +178,8 @@ class EdgeSettings:
     zones: tuple[EdgeZone, ...]
     # the zone of requests to localhost (development)
     dev_zone: str
+    # host:port of the rate-limit service (gateway/ratelimit.py)
+    ratelimit_target: str
 
 
 @dataclass(frozen=True)
@@ -244,12 +263,44 @@ def _route(route: PublicRoute) -> Route:
     # Anonymous RPCs (register, login, refresh, JWKS, health) pass without a token; every other one needs a valid
     # one here, and the service verifies it again (and its revocation, zone and permission).
     jwt = PerRouteConfig(disabled=True) if anonymous else PerRouteConfig(requirement_name="person")
+    # The JWKS is what the edge itself fetches, through its own listener, to check tokens: never limited.
+    action.rate_limits = [] if route.method.path == JWKS_RPC else [_rate_limit(route.method)]
     return Route(
         name=route.method.path,
         match=RouteMatch(path=route.method.path),
         route=action,
         typed_per_filter_config={JWT_FILTER: _typed(jwt)},
     )
+
+
+def _rate_limit(method: MethodInfo) -> RateLimit:
+    """The descriptor Envoy asks the rate-limit service about: the RPC's bucket and the client's address."""
+    if method.path == LOGIN_RPC:
+        bucket, stage = "login", _LOGIN_STAGE
+    else:
+        bucket, stage = ("kzone" if method.service == KZONE_SERVICE else "api"), _API_STAGE
+    return RateLimit(
+        stage=stage,
+        actions=[
+            RateLimitAction(generic_key=RateLimitActionGenericKey(descriptor_key="bucket", descriptor_value=bucket)),
+            RateLimitAction(remote_address=RateLimitActionRemoteAddress()),
+        ],
+    )
+
+
+def _rate_limit_filter(stage: int, fail_closed: bool) -> HttpFilter:
+    config = RateLimitFilter(
+        domain=RATELIMIT_DOMAIN,
+        stage=stage,
+        failure_mode_deny=fail_closed,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        timeout=timedelta(milliseconds=500),
+        rate_limit_service=RateLimitServiceConfig(
+            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=RATELIMIT_CLUSTER)),
+            transport_api_version=ApiVersion.V3,
+        ),
+    )
+    return HttpFilter(name=f"envoy.filters.http.ratelimit.stage{stage}", typed_config=_typed(config))
 
 
 def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
@@ -273,28 +324,47 @@ def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
     )
 
 
-def _jwks_cluster(settings: EdgeSettings) -> Cluster:
-    address = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::") else settings.listen_host  # noqa: S104
+def _host_port(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    return host, int(port)
+
+
+def _loopback_cluster(name: str, host: str, port: int, *, http2: bool) -> Cluster:
+    """A plaintext cluster to something of the edge's own on this host: its listener (the JWKS through the
+    transcoder) or the rate-limit service beside it."""
+    address = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+    options = (
+        {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        }
+        if http2
+        else {}
+    )
     return Cluster(
-        name=JWKS_CLUSTER,
+        name=name,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=timedelta(seconds=2),
         load_assignment=ClusterLoadAssignment(
-            cluster_name=JWKS_CLUSTER,
+            cluster_name=name,
             endpoints=[
                 LocalityLbEndpoints(
                     lb_endpoints=[
                         LbEndpoint(
                             endpoint=Endpoint(
-                                address=Address(
-                                    socket_address=SocketAddress(address=address, port_value=settings.listen_port)
-                                )
+                                address=Address(socket_address=SocketAddress(address=address, port_value=port))
                             )
                         )
                     ]
                 )
             ],
         ),
+        typed_extension_protocol_options=options,
     )
 
 
@@ -443,11 +513,15 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_typed(transcoder)),
             # After the transcoder: routes match gRPC paths, so each RPC's CORS policy and token requirement are found.
             HttpFilter(name=CORS_FILTER, typed_config=_typed(Cors())),
+            _rate_limit_filter(_LOGIN_STAGE, fail_closed=True),
+            _rate_limit_filter(_API_STAGE, fail_closed=False),
             HttpFilter(name=JWT_FILTER, typed_config=_typed(_jwt_authentication(settings))),
             HttpFilter(name="envoy.filters.http.router", typed_config=_typed(Router())),
         ],
         server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
         generate_request_id=True,
+        # The client's address (rate limits, logs) is the peer's; behind a load balancer, trust its hops here.
+        use_remote_address=True,
         local_reply_config=_local_replies(),
         always_set_request_id_in_response=True,
         access_log=[
@@ -481,7 +555,8 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             listeners=[listener],
             clusters=[
                 *(_cluster(name, settings.targets[name], settings, catalog) for name in used),
-                _jwks_cluster(settings),
+                _loopback_cluster(JWKS_CLUSTER, settings.listen_host, settings.listen_port, http2=False),
+                _loopback_cluster(RATELIMIT_CLUSTER, *_host_port(settings.ratelimit_target), http2=True),
             ],
         ),
         admin=Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=settings.admin_port))),

@@ -42,7 +42,7 @@ RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 @dataclass
 class Component:
     name: str
-    kind: str  # "postgres", "redis", "service" or "edge"
+    kind: str  # "postgres", "redis", "service", "ratelimit" or "edge"
     address: str
     pid: int | None = None
     identity: str = ""
@@ -208,6 +208,7 @@ class Supervisor:
         self.redis: EmbeddedRedis | None = None
         self.services: dict[str, _ServiceProcess] = {}
         self.edge: _ServiceProcess | None = None
+        self.ratelimit: _ServiceProcess | None = None
         self.edge_settings: EdgeSettings | None = None
         self.state = MeshState(supervisor_pid=os.getpid(), phase="starting", home=str(home))
 
@@ -247,6 +248,17 @@ class Supervisor:
             )
             for name, process in self.services.items()
         ]
+        if self.ratelimit is not None and self.edge_settings is not None:
+            services.append(
+                Component(
+                    name="ratelimit",
+                    kind="ratelimit",
+                    address=self.edge_settings.ratelimit_target,
+                    pid=self.ratelimit.pid,
+                    log=str(self.ratelimit.log_path),
+                    restarts=self.ratelimit.restarts,
+                )
+            )
         if self.edge is not None and self.edge_settings is not None:
             services.append(
                 Component(
@@ -308,6 +320,13 @@ class Supervisor:
             process = _ServiceProcess(name, env, self.home / "logs" / f"{name}.log")
             process.start()
             self.services[name] = process
+        self.ratelimit = _ServiceProcess(
+            "ratelimit",
+            base_env | {"MEGACITY_REDIS_URL": redis_url},
+            self.home / "logs" / "ratelimit.log",
+            edge.ratelimit_command(),
+        )
+        self.ratelimit.start()
         self.edge_settings = edge.settings(self.catalog, pki_dir(), await edge.load_zones(database_admin_url))
         config = edge.write_config(self.edge_settings, self.catalog, self.home / "run" / "edge.json")
         self.edge = _ServiceProcess("edge", base_env, self.home / "logs" / "edge.log", edge.envoy_command(config))
@@ -316,7 +335,7 @@ class Supervisor:
         return infra
 
     def _processes(self) -> list[_ServiceProcess]:
-        return [*self.services.values(), *([self.edge] if self.edge is not None else [])]
+        return [*self.services.values(), *(p for p in (self.ratelimit, self.edge) if p is not None)]
 
     async def wait_until_serving(self, infra: list[Component], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

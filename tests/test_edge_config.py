@@ -29,6 +29,7 @@ def settings(tmp_path: Path) -> EdgeSettings:
         targets={name: f"127.0.0.1:{entry.port}" for name, entry in catalog.services.items()},
         zones=ZONES,
         dev_zone="univ",
+        ratelimit_target="127.0.0.1:8081",
     )
 
 

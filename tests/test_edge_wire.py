@@ -10,15 +10,18 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
+from gateway import ratelimit
 from gateway.edge import envoy_command, write_config
 from gateway.envoy_config import SECURITY_HEADERS, EdgeSettings, EdgeZone
+from ops.embedded import EmbeddedRedis
 from services.runtime.catalog import load_catalog
 from services.runtime.contracts import descriptor_set_path
 from services.runtime.pki import ensure_credentials
@@ -58,8 +61,49 @@ class Edge:
         return await asyncio.to_thread(self._call, method, path, host, body, headers or {})
 
 
+@dataclass
+class RateLimitService:
+    target: str
+    task: asyncio.Task[None] | None = None
+    stop: asyncio.Event | None = None
+
+    async def start(self, redis_url: str) -> None:
+        self.stop = asyncio.Event()
+        host, _, port = self.target.rpartition(":")
+        self.task = asyncio.create_task(ratelimit.serve(redis_url, host, int(port), self.stop))
+        await asyncio.sleep(0.2)
+
+    async def halt(self) -> None:
+        if self.stop is not None and self.task is not None:
+            self.stop.set()
+            await self.task
+            self.task = None
+
+
+async def _forget_limits(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match="ratelimit:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
-def edge(people: People, tmp_path: Path) -> Iterator[Edge]:
+async def limiter(redis: EmbeddedRedis) -> AsyncIterator[RateLimitService]:
+    await _forget_limits(redis.url)
+    service = RateLimitService(f"127.0.0.1:{free_port()}")
+    await service.start(redis.url)
+    try:
+        yield service
+    finally:
+        await service.halt()
+        await _forget_limits(redis.url)
+
+
+@pytest.fixture
+async def edge(people: People, limiter: RateLimitService, tmp_path: Path) -> AsyncIterator[Edge]:
     catalog = load_catalog()
     ensure_credentials(people.pki_dir, catalog, "edge")
     targets = {name: f"127.0.0.1:{free_port()}" for name in catalog.services}  # not running: 503 if reached
@@ -73,17 +117,17 @@ def edge(people: People, tmp_path: Path) -> Iterator[Edge]:
         targets=targets,
         zones=(EdgeZone("univ", ("univprepai.com",)), EdgeZone("kzone", ("my-ktube.com", "my-ktube.ai"))),
         dev_zone="univ",
+        ratelimit_target=limiter.target,
     )
     config = write_config(settings, catalog, tmp_path / "edge.json")
-    log = (tmp_path / "edge.log").open("wb")
-    process = subprocess.Popen(envoy_command(config), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _until_ready(settings.admin_port, process, tmp_path / "edge.log")
-        yield Edge(settings.listen_port)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    with (tmp_path / "edge.log").open("wb") as log:
+        process = await asyncio.to_thread(subprocess.Popen, envoy_command(config), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await asyncio.to_thread(_until_ready, settings.admin_port, process, tmp_path / "edge.log")
+            yield Edge(settings.listen_port)
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 30)
 
 
 def _until_ready(admin_port: int, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -202,3 +246,32 @@ async def test_the_zones_app_may_call_its_api_from_a_browser(edge: Edge) -> None
         assert "access-control-allow-origin" not in refused.headers
     answered = await edge.call("GET", "/.well-known/jwks.json", headers={"origin": app})
     assert (answered.status, answered.headers["access-control-allow-origin"]) == (200, app)
+
+
+async def _hammer(edge: Edge, count: int, method: str, path: str, body: object = None) -> list[Reply]:
+    return [await edge.call(method, path, body=body) for _ in range(count)]
+
+
+async def test_clients_over_the_limits_get_429_with_retry_after(edge: Edge, limiter: RateLimitService) -> None:
+    email = f"lin-{uuid.uuid4().hex[:8]}@example.com"
+    await edge.call("POST", "/api/v1/auth/register", body={"email": email, "password": PASSWORD, "name": "Lin"})
+
+    # The API: 100 a minute per client (here without a token: each is refused, and each counts).
+    api = await _hammer(edge, 150, "GET", "/api/v1/users/me")
+    statuses = [reply.status for reply in api]
+    assert statuses[:99] == [401] * 99  # the registration above was the first
+    assert set(statuses[99:]) == {429}
+    assert 1 <= int(api[-1].headers["retry-after"]) <= 60
+    assert api[-1].body["code"] == 8  # RESOURCE_EXHAUSTED, as JSON
+
+    # Login (its own bucket): 5 a minute per client, then blocked for 15 minutes.
+    logins = await _hammer(edge, 7, "POST", "/api/v1/auth/login", {"email": email, "password": PASSWORD})
+    assert [reply.status for reply in logins] == [200] * 5 + [429, 429]
+    assert 800 < int(logins[-1].headers["retry-after"]) <= 900
+
+    # The rate-limit service down: the API fails open, login fails closed.
+    await limiter.halt()
+    assert (await edge.call("GET", "/.well-known/jwks.json")).status == 200
+    assert (await edge.call("GET", "/api/v1/users/me")).status == 401  # not limited: the token check answers
+    closed = await edge.call("POST", "/api/v1/auth/login", body={"email": email, "password": PASSWORD})
+    assert (closed.status, closed.body["code"]) == (503, 14)

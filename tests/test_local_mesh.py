@@ -35,7 +35,7 @@ def _ports_free(ports: list[int]) -> bool:
 
 def _free_offset() -> int:
     catalog = load_catalog()
-    base = [7432, 7379, 8080, 9901] + [p for e in catalog.services.values() for p in (e.port, e.metrics_port)]
+    base = [7432, 7379, 8080, 8081, 9901] + [p for e in catalog.services.values() for p in (e.port, e.metrics_port)]
     for _ in range(50):
         offset = random.randrange(10_000, 40_000, 100)
         if _ports_free([port + offset for port in base]):
@@ -96,7 +96,7 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         assert code == 0
         assert status["phase"] == "ready"
         components = {c["name"]: c for c in status["components"]}
-        assert set(components) == {"postgres", "redis", *catalog.services, "edge"}
+        assert set(components) == {"postgres", "redis", *catalog.services, "ratelimit", "edge"}
         assert all(c["health"] == "SERVING" for c in components.values())
         assert components["exam"]["identity"] == "spiffe://megacity.local/ns/megacity/sa/exam"
         assert (home / "pki" / "ca.pem").exists()
