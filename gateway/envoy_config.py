@@ -63,6 +63,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
     GrpcJsonTranscoder,
@@ -110,6 +111,7 @@ from services.runtime.contracts import MethodInfo, service_methods
 ZONE_HEADER = "x-megacity-zone"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 CORS_FILTER = "envoy.filters.http.cors"
+BUFFER_FILTER = "envoy.filters.http.buffer"
 # Browsers of the zone's app (https://app.<domain>) call its API with credentials (the refresh-token cookie).
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"
 CORS_HEADERS = "authorization, content-type, x-request-id"
@@ -124,12 +126,26 @@ JWKS_RPC = "/megacity.auth.v1.AuthService/GetJwks"
 KZONE_SERVICE = "megacity.kzone.v1.KZoneService"
 # Rate-limit stages: one filter each, so login fails closed and the rest open when the service is down.
 _LOGIN_STAGE, _API_STAGE = 0, 1
-DEFAULT_TIMEOUT = timedelta(seconds=30)
 STREAM_IDLE_TIMEOUT = timedelta(seconds=60)
-# Longer for uploads the K-Zone analyses (its issue): voice 60 s, dance 300 s.
-ROUTE_TIMEOUTS = {
-    "megacity.kzone.v1.KZoneService/AnalyzeVoiceFile": timedelta(seconds=60),
-    "megacity.kzone.v1.KZoneService/DetectDancePose": timedelta(seconds=300),
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How large a request body may be (413 beyond it) and how long the call may take (504 beyond it)."""
+
+    max_bytes: int
+    timeout: timedelta
+
+
+DEFAULT_LIMITS = BodyLimits(10 * _MB, timedelta(seconds=30))
+VOICE_LIMITS = BodyLimits(50 * _MB, timedelta(seconds=60))
+DANCE_LIMITS = BodyLimits(500 * _MB, timedelta(seconds=300))
+# Uploads the K-Zone analyses or keeps: audio like voice, video like dance.
+ROUTE_LIMITS = {
+    "/megacity.kzone.v1.KZoneService/AnalyzeVoiceFile": VOICE_LIMITS,
+    "/megacity.kzone.v1.KZoneService/DetectDancePose": DANCE_LIMITS,
+    "/megacity.kzone.v1.KZoneService/UploadReferenceMedia": DANCE_LIMITS,
 }
 SECURITY_HEADERS = {
     "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
@@ -143,6 +159,8 @@ SECURITY_HEADERS = {
 LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 408: 4, 409: 10, 413: 8, 429: 8, 431: 3, 501: 12, 503: 14, 504: 4}
 _INTERNAL = 13
 JSON_CONTENT_TYPE = "application/json"
+OPENAPI_PATH = "/openapi.json"
+MAX_DOCUMENT_BYTES = 8 * _MB
 _ACCESS_LOG_FIELDS = {
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -180,6 +198,8 @@ class EdgeSettings:
     dev_zone: str
     # host:port of the rate-limit service (gateway/ratelimit.py)
     ratelimit_target: str
+    # the OpenAPI document served at /openapi.json (gen/openapi/megacity.json)
+    openapi_document: Path
 
 
 @dataclass(frozen=True)
@@ -254,9 +274,11 @@ def _local_replies() -> LocalReplyConfig:
 
 def _route(route: PublicRoute) -> Route:
     streaming = route.method.client_streaming or route.method.server_streaming
+    limits = ROUTE_LIMITS.get(route.method.path, DEFAULT_LIMITS)
+    # Streams have no overall timeout, only an idle one; unary calls have their route's.
     action = RouteAction(
         cluster=route.service,
-        timeout=timedelta(0) if streaming else ROUTE_TIMEOUTS.get(route.method.path.lstrip("/"), DEFAULT_TIMEOUT),
+        timeout=timedelta(0) if streaming else limits.timeout,
         idle_timeout=STREAM_IDLE_TIMEOUT if streaming else None,
     )
     anonymous = route.method.access is not None and route.method.access.anonymous
@@ -269,7 +291,7 @@ def _route(route: PublicRoute) -> Route:
         name=route.method.path,
         match=RouteMatch(path=route.method.path),
         route=action,
-        typed_per_filter_config={JWT_FILTER: _typed(jwt)},
+        typed_per_filter_config={JWT_FILTER: _typed(jwt), BUFFER_FILTER: _typed(_body_limit(limits, streaming))},
     )
 
 
@@ -301,6 +323,16 @@ def _rate_limit_filter(stage: int, fail_closed: bool) -> HttpFilter:
         ),
     )
     return HttpFilter(name=f"envoy.filters.http.ratelimit.stage{stage}", typed_config=_typed(config))
+
+
+def _body_limit(limits: BodyLimits, streaming: bool) -> BufferPerRoute:
+    """A unary call's whole body (as the gRPC message it became) up to the route's limit, 413 beyond; streams flow
+    through unbuffered."""
+    return (
+        BufferPerRoute(disabled=True)
+        if streaming
+        else BufferPerRoute(buffer=Buffer(max_request_bytes=limits.max_bytes))
+    )
 
 
 def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
@@ -391,6 +423,18 @@ _PREFLIGHT = Route(
 )
 
 
+def _openapi_route(document: Path) -> Route:
+    return Route(
+        name="openapi",
+        match=RouteMatch(path=OPENAPI_PATH),
+        direct_response=DirectResponseAction(status=200, body=DataSource(filename=str(document))),
+        response_headers_to_add=_headers(
+            {"content-type": JSON_CONTENT_TYPE}, HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+        ),
+        typed_per_filter_config={JWT_FILTER: _typed(PerRouteConfig(disabled=True))},
+    )
+
+
 def _virtual_host(
     name: str, domains: list[str], zone: str, routes: list[Route], origins: list[StringMatcher]
 ) -> VirtualHost:
@@ -460,7 +504,7 @@ def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -
 
 def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor_pool.DescriptorPool) -> Bootstrap:
     routes = public_routes(catalog, pool)
-    envoy_routes = [_route(route) for route in routes]
+    envoy_routes = [*(_route(route) for route in routes), _openapi_route(settings.openapi_document)]
     zone_hosts = [
         _virtual_host(
             f"zone-{zone.zone_id}",
@@ -492,7 +536,10 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         proto_descriptor=str(settings.descriptor_set),
         services=sorted({route.method.service for route in routes}),
         print_options=GrpcJsonTranscoderPrintOptions(
-            preserve_proto_field_names=True, always_print_primitive_fields=True, always_print_enums_as_ints=False
+            preserve_proto_field_names=True,
+            always_print_primitive_fields=True,
+            always_print_enums_as_ints=False,
+            stream_newline_delimited=True,
         ),
         # Unknown paths and methods pass through untransformed and find no route (404); CORS preflights find theirs.
         request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
@@ -504,6 +551,7 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         stat_prefix="edge",
         route_config=RouteConfiguration(
             name="edge",
+            max_direct_response_body_size_bytes=MAX_DOCUMENT_BYTES,
             virtual_hosts=[*zone_hosts, dev_host, unknown_host],
             response_headers_to_add=_headers(
                 SECURITY_HEADERS, HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
@@ -516,10 +564,12 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             _rate_limit_filter(_LOGIN_STAGE, fail_closed=True),
             _rate_limit_filter(_API_STAGE, fail_closed=False),
             HttpFilter(name=JWT_FILTER, typed_config=_typed(_jwt_authentication(settings))),
+            HttpFilter(name=BUFFER_FILTER, typed_config=_typed(Buffer(max_request_bytes=DEFAULT_LIMITS.max_bytes))),
             HttpFilter(name="envoy.filters.http.router", typed_config=_typed(Router())),
         ],
         server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
         generate_request_id=True,
+        preserve_external_request_id=True,
         # The client's address (rate limits, logs) is the peer's; behind a load balancer, trust its hops here.
         use_remote_address=True,
         local_reply_config=_local_replies(),

@@ -6,6 +6,7 @@ Generated trees, each written by one generator into an output root that mirrors 
 - gen/python/              messages, grpc.aio stubs and .pyi types (`buf generate` with buf.gen.yaml)
 - gen/descriptor/          the contracts' FileDescriptorSet with imports and comments (edge, policy, docs)
 - mesh/linkerd/generated/  Linkerd policy and Kubernetes manifests from mesh/catalog.yaml
+- gen/openapi/             the edge's OpenAPI 3 document (gateway/openapi.py), served at /openapi.json
 
 `--check` generates into a scratch directory and compares with the working tree, so CI fails on stale output.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DESCRIPTOR_SET = Path("gen/descriptor/megacity.binpb")
+OPENAPI_DOCUMENT = Path("gen/openapi/megacity.json")
 
 # The googleapis files our contracts may import (and what those import).
 GOOGLEAPIS_FILES = (
@@ -87,12 +89,23 @@ def linkerd_manifests(out: Path) -> None:
     linkerd.write_manifests(out, descriptor_set=out / DESCRIPTOR_SET)
 
 
-# Order matters: the vendored googleapis feed buf; the descriptor set feeds the manifests.
+def openapi_document(out: Path) -> None:
+    from gateway import openapi
+    from services.runtime.catalog import load_catalog
+    from services.runtime.contracts import load_pool
+
+    target = out / OPENAPI_DOCUMENT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(openapi.render(load_catalog(), load_pool(out / DESCRIPTOR_SET)))
+
+
+# Order matters: the vendored googleapis feed buf; the descriptor set feeds the manifests and the OpenAPI document.
 GENERATORS: tuple[tuple[str, Path, Callable[[Path], None]], ...] = (
     ("googleapis", Path("third_party/googleapis"), vendor_googleapis),
     ("python", Path("gen/python"), python_stubs),
     ("descriptor", DESCRIPTOR_SET.parent, descriptor_set),
     ("linkerd", Path("mesh/linkerd/generated"), linkerd_manifests),
+    ("openapi", OPENAPI_DOCUMENT.parent, openapi_document),
 )
 
 

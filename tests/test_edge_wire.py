@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openapi_spec_validator import validate
 from redis.asyncio import Redis
 
 from gateway import ratelimit
-from gateway.edge import envoy_command, write_config
+from gateway.edge import OPENAPI_DOCUMENT, envoy_command, write_config
 from gateway.envoy_config import SECURITY_HEADERS, EdgeSettings, EdgeZone
 from ops.embedded import EmbeddedRedis
 from services.runtime.catalog import load_catalog
@@ -118,6 +119,7 @@ async def edge(people: People, limiter: RateLimitService, tmp_path: Path) -> Asy
         zones=(EdgeZone("univ", ("univprepai.com",)), EdgeZone("kzone", ("my-ktube.com", "my-ktube.ai"))),
         dev_zone="univ",
         ratelimit_target=limiter.target,
+        openapi_document=OPENAPI_DOCUMENT,
     )
     config = write_config(settings, catalog, tmp_path / "edge.json")
     with (tmp_path / "edge.log").open("wb") as log:
@@ -275,3 +277,22 @@ async def test_clients_over_the_limits_get_429_with_retry_after(edge: Edge, limi
     assert (await edge.call("GET", "/api/v1/users/me")).status == 401  # not limited: the token check answers
     closed = await edge.call("POST", "/api/v1/auth/login", body={"email": email, "password": PASSWORD})
     assert (closed.status, closed.body["code"]) == (503, 14)
+
+
+async def test_bodies_over_the_routes_limit_are_refused_and_request_ids_pass_through(edge: Edge) -> None:
+    huge = {"email": "big@example.com", "password": PASSWORD, "name": "x" * (11 * 1024 * 1024)}  # over 10 MB
+    refused = await edge.call("POST", "/api/v1/auth/register", body=huge)
+    assert (refused.status, refused.body["code"]) == (413, 8)
+    given = await edge.call("GET", "/.well-known/jwks.json", headers={"x-request-id": "trace-me-42"})
+    assert given.headers["x-request-id"] == "trace-me-42"
+
+
+async def test_the_openapi_document_is_served_and_valid(edge: Edge) -> None:
+    served = await edge.call("GET", "/openapi.json", host="localhost")
+    assert (served.status, served.headers["content-type"]) == (200, "application/json")
+    validate(served.body)
+    assert served.body == json.loads(OPENAPI_DOCUMENT.read_text())
+    login = served.body["paths"]["/api/v1/auth/login"]["post"]
+    assert login["security"] == []  # anonymous
+    me = served.body["paths"]["/api/v1/users/me"]["get"]
+    assert me["security"] == [{"bearerAuth": []}]
