@@ -196,8 +196,8 @@ class EdgeSettings:
     zones: tuple[EdgeZone, ...]
     # the zone of requests to localhost (development)
     dev_zone: str
-    # host:port of the rate-limit service (gateway/ratelimit.py)
-    ratelimit_target: str
+    # host:port of the rate-limit service (gateway/ratelimit.py); None: no rate limits (benchmarks)
+    ratelimit_target: str | None
     # the OpenAPI document served at /openapi.json (gen/openapi/megacity.json)
     openapi_document: Path
 
@@ -561,8 +561,11 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_typed(transcoder)),
             # After the transcoder: routes match gRPC paths, so each RPC's CORS policy and token requirement are found.
             HttpFilter(name=CORS_FILTER, typed_config=_typed(Cors())),
-            _rate_limit_filter(_LOGIN_STAGE, fail_closed=True),
-            _rate_limit_filter(_API_STAGE, fail_closed=False),
+            *(
+                [_rate_limit_filter(_LOGIN_STAGE, fail_closed=True), _rate_limit_filter(_API_STAGE, fail_closed=False)]
+                if settings.ratelimit_target
+                else []
+            ),
             HttpFilter(name=JWT_FILTER, typed_config=_typed(_jwt_authentication(settings))),
             HttpFilter(name=BUFFER_FILTER, typed_config=_typed(Buffer(max_request_bytes=DEFAULT_LIMITS.max_bytes))),
             HttpFilter(name="envoy.filters.http.router", typed_config=_typed(Router())),
@@ -606,7 +609,11 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             clusters=[
                 *(_cluster(name, settings.targets[name], settings, catalog) for name in used),
                 _loopback_cluster(JWKS_CLUSTER, settings.listen_host, settings.listen_port, http2=False),
-                _loopback_cluster(RATELIMIT_CLUSTER, *_host_port(settings.ratelimit_target), http2=True),
+                *(
+                    [_loopback_cluster(RATELIMIT_CLUSTER, *_host_port(settings.ratelimit_target), http2=True)]
+                    if settings.ratelimit_target
+                    else []
+                ),
             ],
         ),
         admin=Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=settings.admin_port))),
