@@ -253,7 +253,7 @@ class Supervisor:
                 Component(
                     name="ratelimit",
                     kind="ratelimit",
-                    address=self.edge_settings.ratelimit_target,
+                    address=self.edge_settings.ratelimit_target or "",
                     pid=self.ratelimit.pid,
                     log=str(self.ratelimit.log_path),
                     restarts=self.ratelimit.restarts,
