@@ -38,6 +38,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
     HttpUri,
     RuntimeUInt32,
@@ -47,6 +49,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.ratelimit.v3 import RateLimitServiceConfig
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
@@ -70,6 +73,7 @@ from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 impo
     GrpcJsonTranscoderPrintOptions,
     GrpcJsonTranscoderRequestValidationOptions,
 )
+from envoy_data_plane.envoy.extensions.filters.http.health_check.v3 import HealthCheck as HealthCheckFilter
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwtAuthentication,
     JwtProvider,
@@ -86,6 +90,9 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     LocalReplyConfig,
     ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    DownstreamConnectionsConfig,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -99,7 +106,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 from google.protobuf import descriptor_pool
@@ -159,6 +166,8 @@ SECURITY_HEADERS = {
 LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 408: 4, 409: 10, 413: 8, 429: 8, 431: 3, 501: 12, 503: 14, 504: 4}
 _INTERNAL = 13
 JSON_CONTENT_TYPE = "application/json"
+HEALTH_PATH = "/health"
+MAX_CLIENT_CONNECTIONS = 50_000
 OPENAPI_PATH = "/openapi.json"
 MAX_DOCUMENT_BYTES = 8 * _MB
 _ACCESS_LOG_FIELDS = {
@@ -170,7 +179,6 @@ _ACCESS_LOG_FIELDS = {
     "host": "%REQ(:AUTHORITY)%",
     "zone": "%REQ(X-MEGACITY-ZONE)%",
     "status": "%RESPONSE_CODE%",
-    "grpc_status": "%GRPC_STATUS(NUMBER)%",
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "upstream": "%UPSTREAM_CLUSTER%",
@@ -335,6 +343,16 @@ def _body_limit(limits: BodyLimits, streaming: bool) -> BufferPerRoute:
     )
 
 
+def _health_filter(services: list[str]) -> HttpFilter:
+    """GET /health: 200 while every service behind the edge passes its health check, 503 otherwise."""
+    config = HealthCheckFilter(
+        pass_through_mode=False,
+        headers=[HeaderMatcher(name=":path", string_match=StringMatcher(exact=HEALTH_PATH))],
+        cluster_min_healthy_percentages={name: Percent(value=100.0) for name in services},
+    )
+    return HttpFilter(name="envoy.filters.http.health_check", typed_config=_typed(config))
+
+
 def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
     """Access tokens checked against the auth service's JWKS, fetched through the edge itself (the dev host)."""
     return JwtAuthentication(
@@ -475,6 +493,16 @@ def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -
         name=name,
         type=ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=timedelta(seconds=2),
+        # gRPC health over the same mTLS, as the edge (the catalog lets it): what /health reports.
+        health_checks=[
+            HealthCheck(
+                timeout=timedelta(seconds=1),
+                interval=timedelta(seconds=5),
+                unhealthy_threshold=2,
+                healthy_threshold=1,
+                grpc_health_check=HealthCheckGrpcHealthCheck(),
+            )
+        ],
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[
@@ -558,6 +586,7 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             ),
         ),
         http_filters=[
+            _health_filter(sorted({route.service for route in routes})),
             HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_typed(transcoder)),
             # After the transcoder: routes match gRPC paths, so each RPC's CORS policy and token requirement are found.
             HttpFilter(name=CORS_FILTER, typed_config=_typed(Cors())),
@@ -617,4 +646,14 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             ],
         ),
         admin=Admin(address=Address(socket_address=SocketAddress(address="127.0.0.1", port_value=settings.admin_port))),
+        overload_manager=OverloadManager(
+            resource_monitors=[
+                ResourceMonitor(
+                    name="envoy.resource_monitors.global_downstream_max_connections",
+                    typed_config=_typed(
+                        DownstreamConnectionsConfig(max_active_downstream_connections=MAX_CLIENT_CONNECTIONS)
+                    ),
+                )
+            ]
+        ),
     )

@@ -223,6 +223,9 @@ async def test_only_public_rpcs_of_known_hosts_are_reachable(edge: Edge) -> None
     jwks = await edge.call("GET", "/.well-known/jwks.json", host="localhost")
     assert jwks.status == 200
     assert jwks.body["keys"][0]["kty"] == "OKP"
+    # /health reflects the mesh: here only auth and tenant run behind the edge.
+    health = await edge.call("GET", "/health", host="localhost")
+    assert (health.status, health.body["code"]) == (503, 14)
 
 
 async def test_the_zones_app_may_call_its_api_from_a_browser(edge: Edge) -> None:

@@ -72,6 +72,23 @@ def _edge_call(address: str, path: str, account: dict[str, str]) -> dict[str, An
     raise AssertionError(f"the edge did not answer {path}: {failure}")
 
 
+def _edge_health(address: str) -> int:
+    """GET /health's status once the edge's first health checks have run."""
+    host, _, port = address.rpartition(":")
+    status = 0
+    for _ in range(30):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", "/health", headers={"Host": "localhost"})
+            status = connection.getresponse().status
+        finally:
+            connection.close()
+        if status == 200:
+            break
+        time.sleep(0.5)
+    return status
+
+
 def _status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
     done = _megacity(env, "status", "--json")
     return done.returncode, json.loads(done.stdout)
@@ -121,6 +138,7 @@ def test_up_status_down_from_a_clean_state(tmp_path: Path) -> None:
         student = next(account for account in first["accounts"] if account["role"] == "student")
         signed_in = _edge_call(components["edge"]["address"], "/api/v1/auth/login", student)
         assert signed_in["access_token"]
+        assert _edge_health(components["edge"]["address"]) == 200  # every service behind it is healthy
 
         # A process that dies (a service, or Envoy while clients call it) is restarted by the supervisor and
         # becomes SERVING again; clients recover without anyone stepping in.
