@@ -192,6 +192,19 @@ async def test_a_person_registers_logs_in_and_reads_themselves_through_the_edge(
     assert (elsewhere.status, _reason(elsewhere)) == (403, "ZONE_MISMATCH")
     assert elsewhere.body["code"] == 7
 
+    # Browsers keep the refresh token in a cookie scripts cannot read, and refresh and log out with it.
+    cookie = login.headers["set-cookie"]
+    assert cookie.startswith(f"megacity_refresh={login.body['refresh_token']};")
+    assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/api/v1/auth"} <= {p.strip() for p in cookie.split(";")}
+    jar = {"cookie": f"megacity_refresh={login.body['refresh_token']}"}
+    refreshed = await edge.call("POST", "/api/v1/auth/refresh", body={}, headers=jar)
+    assert refreshed.status == 200, refreshed.body
+    assert refreshed.headers["set-cookie"].startswith(f"megacity_refresh={refreshed.body['refresh_token']};")
+    # The old one again: a reuse, which ends the whole session (its access tokens too).
+    reused = await edge.call("POST", "/api/v1/auth/refresh", body={}, headers=jar)
+    assert reused.status == 401
+    assert (await edge.call("GET", "/api/v1/users/me", headers=bearer)).status == 401
+
 
 async def test_errors_are_google_rpc_status_json(edge: Edge) -> None:
     weak = await edge.call(

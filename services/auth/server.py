@@ -25,7 +25,7 @@ from megacity.auth.v1 import auth_service_pb2 as pb
 from megacity.auth.v1 import auth_service_pb2_grpc, resources_pb2
 from megacity.tenant.v1 import resources_pb2 as tenant_resources
 from megacity.tenant.v1 import tenant_service_pb2, tenant_service_pb2_grpc
-from services.auth import accounts, audit, mfa, passwords
+from services.auth import accounts, audit, cookies, mfa, passwords
 from services.auth.audit_log import AuditLog
 from services.auth.challenges import MfaChallenges
 from services.auth.keys import SigningKeys
@@ -68,6 +68,10 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
     return stamp
+
+
+def _metadata_value(context: UnaryContext[Any, Any], key: str) -> str:
+    return next((str(value) for name, value in context.invocation_metadata() or () if name == key), "")
 
 
 def _request_zone() -> str:
@@ -162,7 +166,12 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             {"ip_address": address, "user_agent": agent, "create_time": now.isoformat()},
             refresh_expire,
         )
+        await self._set_refresh_cookie(context, refresh_token)
         return self._tokens(self._access_token(user, session["session_id"]), refresh_token, session["session_id"])
+
+    async def _set_refresh_cookie(self, context: UnaryContext[Any, Any], refresh_token: str) -> None:
+        max_age = self._settings.refresh_token_seconds if refresh_token else 0
+        await context.send_initial_metadata((("set-cookie", cookies.refresh_cookie(refresh_token, max_age)),))
 
     def _tokens(self, access_token: str, refresh_token: str, session_id: str) -> dict[str, Any]:
         """The OAuth-style fields every reply that signs a person in carries at its top level."""
@@ -322,15 +331,17 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         self, request: pb.RefreshRequest, context: UnaryContext[pb.RefreshRequest, pb.RefreshResponse]
     ) -> pb.RefreshResponse:
         zone_id = _request_zone()
-        if not request.refresh_token:
+        presented = request.refresh_token or cookies.refresh_token_from(_metadata_value(context, "cookie"))
+        if not presented:
             raise InvalidArgument("refresh_token is required", [("refresh_token", "required")])
         successor = accounts.new_refresh_token()
         expire = utcnow() + timedelta(seconds=self._settings.refresh_token_seconds)
         result = await self._store.rotate_refresh_token(
-            zone_id, accounts.token_hash(request.refresh_token), accounts.token_hash(successor), expire
+            zone_id, accounts.token_hash(presented), accounts.token_hash(successor), expire
         )
         user, session = await self._rotated(result)
         await self._check_may_sign_in(user)
+        await self._set_refresh_cookie(context, successor)
         return pb.RefreshResponse(
             **self._tokens(self._access_token(user, session["session_id"]), successor, session["session_id"])
         )
@@ -383,6 +394,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             resource_id=person.session_id,
             details={"all_sessions": request.all_sessions, "sessions_revoked": len(ended)},
         )
+        await self._set_refresh_cookie(context, "")
         return pb.LogoutResponse(sessions_revoked=len(ended))
 
     async def GetJwks(
