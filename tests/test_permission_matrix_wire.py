@@ -9,22 +9,18 @@ permission). Streaming RPCs are left to their services' tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import grpc
-import pytest
 from google.protobuf import message_factory
 
-from ops.embedded import EmbeddedRedis
 from services.runtime.catalog import load_catalog
 from services.runtime.contracts import MethodInfo, default_pool, service_methods
 from services.runtime.permissions import ROLE_PERMISSIONS, grants
 from services.runtime.server import Service
-from tests.support.accounts import Caller, People, reason
-from tests.support.mesh import channel_as, make_config, running, serialize
+from tests.support.accounts import PEOPLE_SERVICES, Caller, People, reason
+from tests.support.mesh import channel_as, serialize
 
-PEOPLE_SERVICES = ("auth", "tenant", "exam", "tutor", "kzone", "jobs")
 # Calls that would end the role's own session (and so every later call of the matrix).
 SESSION_ENDING = {"/megacity.auth.v1.AuthService/Logout"}
 
@@ -43,23 +39,7 @@ def _matrix_methods() -> list[tuple[str, MethodInfo]]:
     return found
 
 
-@pytest.fixture
-async def others(
-    people: People, identity_database: dict[str, str], redis: EmbeddedRedis, pki_dir: object
-) -> AsyncIterator[dict[str, Service]]:
-    """The other people-facing services, next to the auth and tenant services of `people`."""
-    catalog = load_catalog()
-    async with AsyncExitStack() as stack:
-        services = {"auth": people.auth_service, "tenant": people.tenant_service}
-        for name in PEOPLE_SERVICES[2:]:
-            config = make_config(
-                catalog, name, people.pki_dir, database_url=identity_database[name], redis_url=redis.url
-            )
-            services[name] = await stack.enter_async_context(running(config))
-        yield services
-
-
-async def test_every_role_against_every_public_rpc(people: People, others: dict[str, Service]) -> None:
+async def test_every_role_against_every_public_rpc(people: People, people_services: dict[str, Service]) -> None:
     callers: dict[str, Caller] = {
         role: await people.as_new_user("univ", "univ-public", role) for role in ROLE_PERMISSIONS
     }
@@ -69,7 +49,7 @@ async def test_every_role_against_every_public_rpc(people: People, others: dict[
     async with AsyncExitStack() as stack:
         channels = {
             name: await stack.enter_async_context(channel_as("edge", service, people.pki_dir))
-            for name, service in others.items()
+            for name, service in people_services.items()
         }
         for name, method in methods:
             descriptor = default_pool().FindMethodByName(f"{method.service}.{method.name}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from services.auth import passwords
 from services.auth.pii import generate_key_spec
 from services.auth.store import AuthStore, NewUser
+from services.runtime.catalog import load_catalog
 from services.runtime.database import create_pool
 from services.runtime.errors import error_info, status_from_error
 from services.runtime.server import Service
@@ -159,3 +161,22 @@ async def exam(
     )
     async with running(config) as service, channel_as("edge", service, people.pki_dir) as channel:
         yield exam_service_pb2_grpc.ExamServiceStub(channel)
+
+
+PEOPLE_SERVICES = ("auth", "tenant", "exam", "tutor", "kzone", "jobs")
+
+
+@pytest.fixture
+async def people_services(
+    people: People, identity_database: dict[str, str], redis: EmbeddedRedis
+) -> AsyncIterator[dict[str, Service]]:
+    """Every people-facing service over mTLS: the auth and tenant services of `people`, and the others."""
+    catalog = load_catalog()
+    async with AsyncExitStack() as stack:
+        services = {"auth": people.auth_service, "tenant": people.tenant_service}
+        for name in PEOPLE_SERVICES[2:]:
+            config = make_config(
+                catalog, name, people.pki_dir, database_url=identity_database[name], redis_url=redis.url
+            )
+            services[name] = await stack.enter_async_context(running(config))
+        yield services
