@@ -374,6 +374,24 @@ def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
     )
 
 
+# Upstreams speaking HTTP/2 (gRPC).
+_HTTP2 = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+        HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        )
+    )
+}
+
+
+def _one_endpoint(name: str, host: str, port: int) -> ClusterLoadAssignment:
+    address = Address(socket_address=SocketAddress(address=host, port_value=port))
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])],
+    )
+
+
 def _host_port(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
     return host, int(port)
@@ -383,37 +401,12 @@ def _loopback_cluster(name: str, host: str, port: int, *, http2: bool) -> Cluste
     """A plaintext cluster to something of the edge's own on this host: its listener (the JWKS through the
     transcoder) or the rate-limit service beside it."""
     address = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
-    options = (
-        {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
-                )
-            )
-        }
-        if http2
-        else {}
-    )
+    options = _HTTP2 if http2 else {}
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=timedelta(seconds=2),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=Endpoint(
-                                address=Address(socket_address=SocketAddress(address=address, port_value=port))
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
+        load_assignment=_one_endpoint(name, address, port),
         typed_extension_protocol_options=options,
     )
 
@@ -467,7 +460,6 @@ def _virtual_host(
 
 
 def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -> Cluster:
-    host, _, port = target.rpartition(":")
     tls = UpstreamTlsContext(
         sni=f"{name}.{catalog.trust_domain}",
         common_tls_context=CommonTlsContext(
@@ -503,29 +495,8 @@ def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -
                 grpc_health_check=HealthCheckGrpcHealthCheck(),
             )
         ],
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(
-                            endpoint=Endpoint(
-                                address=Address(socket_address=SocketAddress(address=host, port_value=int(port)))
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=Http2ProtocolOptions()
-                    )
-                )
-            )
-        },
+        load_assignment=_one_endpoint(name, *_host_port(target)),
+        typed_extension_protocol_options=_HTTP2,
         transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=_typed(tls)),
     )
 
