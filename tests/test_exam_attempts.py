@@ -4,6 +4,9 @@ losing the CAT state in Redis, an exam service restart mid-attempt, and who may 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -20,6 +23,31 @@ from services.exam.worker import DEAD_LETTER, GROUP, STREAM, ScoringWorker
 from services.runtime.database import create_pool
 from tests.support.accounts import People, reason
 from tests.support.exams import exam_service, published_exam
+
+
+async def _lose_cat_state(redis: EmbeddedRedis, attempt_id: str) -> None:
+    """Redis forgets an attempt's live CAT state, as after a restart without persistence."""
+    client = Redis.from_url(redis.url)
+    try:
+        assert await client.delete(state_key(attempt_id)) == 1
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def _scoring_worker(
+    identity_database: dict[str, str], redis: EmbeddedRedis, **options: Any
+) -> AsyncIterator[tuple[ScoringWorker, Redis]]:
+    """A scoring worker of its own (and its Redis client), beside any the exam service runs."""
+    pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
+    client = Redis.from_url(redis.url, decode_responses=True)
+    try:
+        worker = ScoringWorker(client, AttemptStore(pool), f"test-{uuid.uuid4().hex[:8]}", **options)
+        await worker.ensure_group()
+        yield worker, client
+    finally:
+        await client.aclose()
+        await pool.close()
 
 
 async def test_an_attempt_survives_retries_state_loss_and_a_restart(
@@ -63,11 +91,7 @@ async def test_an_attempt_survives_retries_state_loss_and_a_restart(
             )
         assert other.value.code() is grpc.StatusCode.PERMISSION_DENIED
         # Redis loses the CAT state: the next answer rebuilds it from PostgreSQL.
-        client = Redis.from_url(redis.url)
-        try:
-            assert await client.delete(state_key(started.id)) == 1
-        finally:
-            await client.aclose()
+        await _lose_cat_state(redis, started.id)
         second = await exam.SubmitAnswer(
             pb.SubmitAnswerRequest(attempt_id=started.id, item_id=first.next_item.item_id, response="B"),
             metadata=student.metadata(),
@@ -77,11 +101,7 @@ async def test_an_attempt_survives_retries_state_loss_and_a_restart(
 
     # The exam service restarts mid-attempt, and Redis loses the state again: nothing answered is lost, the
     # attempt goes on from PostgreSQL.
-    client = Redis.from_url(redis.url)
-    try:
-        assert await client.delete(state_key(started.id)) == 1
-    finally:
-        await client.aclose()
+    await _lose_cat_state(redis, started.id)
     async with exam_service(people, identity_database, redis) as exam:
         reply = second
         answered = 2
@@ -190,11 +210,7 @@ async def test_a_finished_attempt_is_scored_and_reported(
 async def test_an_attempt_that_cannot_be_scored_ends_in_the_dead_letter_stream(
     identity_database: dict[str, str], redis: EmbeddedRedis
 ) -> None:
-    pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
-    client = Redis.from_url(redis.url, decode_responses=True)
-    try:
-        worker = ScoringWorker(client, AttemptStore(pool), "test", reclaim_idle_ms=0, max_deliveries=3)
-        await worker.ensure_group()
+    async with _scoring_worker(identity_database, redis, reclaim_idle_ms=0, max_deliveries=3) as (worker, client):
         await client.xadd(STREAM, {"attempt_id": "no-such-attempt"})
         for _ in range(5):
             await worker.process(block_ms=10)
@@ -202,9 +218,6 @@ async def test_an_attempt_that_cannot_be_scored_ends_in_the_dead_letter_stream(
         assert any(fields and fields.get("attempt_id") == "no-such-attempt" for _, fields in dead)
         pending: Any = await client.xpending(STREAM, GROUP)
         assert pending["pending"] == 0
-    finally:
-        await client.aclose()
-        await pool.close()
 
 
 async def test_an_answer_after_the_time_limit_ends_the_attempt(
@@ -252,18 +265,11 @@ async def test_an_attempt_whose_scoring_message_was_lost_is_queued_again(
         )
     finally:
         await connection.close()
-    pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
-    client = Redis.from_url(redis.url, decode_responses=True)
-    try:
-        worker = ScoringWorker(client, AttemptStore(pool), "requeue-test", reclaim_idle_ms=0)
-        await worker.ensure_group()
+    async with _scoring_worker(identity_database, redis, reclaim_idle_ms=0) as (worker, _):
         assert await worker.requeue_unscored() >= 1
         for _ in range(5):
             await worker.process(block_ms=10)
         assert await worker.requeue_unscored() == 0  # scored now: nothing left to queue
-    finally:
-        await client.aclose()
-        await pool.close()
 
 
 async def test_a_students_reports_page_newest_first(
@@ -392,16 +398,9 @@ async def test_attempts_students_left_expire_or_are_abandoned(
             )
         finally:
             await connection.close()
-        pool = await create_pool(identity_database["exam"], schema="exam", max_size=1)
-        client = Redis.from_url(redis.url, decode_responses=True)
-        try:
-            worker = ScoringWorker(client, AttemptStore(pool), "sweep-test", abandon_after_seconds=3 * 24 * 3600)
-            await worker.ensure_group()
+        async with _scoring_worker(identity_database, redis, abandon_after_seconds=3 * 24 * 3600) as (worker, _):
             assert await worker.sweep_left_attempts() == 2
             assert await worker.sweep_left_attempts() == 0
-        finally:
-            await client.aclose()
-            await pool.close()
         statuses = {}
         for attempt in (timed, untimed, active):
             got = (
