@@ -23,7 +23,7 @@ from asyncpg.pool import PoolConnectionProxy
 from megacity.exam.v1 import resources_pb2 as res
 from services.exam.calibration import Model
 from services.exam.items import MODEL_VALUES
-from services.exam.store import SCORED_STATUSES, Owner
+from services.exam.store import SCORED_STATUSES, Owner, set_times
 from services.runtime.database import TenantScope, tenant_transaction
 from services.runtime.errors import InvalidArgument, NotFound
 
@@ -484,9 +484,7 @@ def calibration_message(row: asyncpg.Record) -> res.Calibration:
         error_message=row["error_message"],
         creator_id=row["creator_id"],
     )
-    for field in ("create_time", "start_time", "finish_time"):
-        if row[field] is not None:
-            getattr(calibration, field).FromDatetime(row[field])
+    set_times(calibration, row, ("create_time", "start_time", "finish_time"))
     return calibration
 
 
@@ -499,7 +497,5 @@ def version_message(row: asyncpg.Record) -> res.ParameterVersion:
         model=MODEL_VALUES[row["model"]],
         item_count=row["item_count"],
     )
-    version.create_time.FromDatetime(row["create_time"])
-    if row["activate_time"] is not None:
-        version.activate_time.FromDatetime(row["activate_time"])
+    set_times(version, row, ("create_time", "activate_time"))
     return version

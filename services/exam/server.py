@@ -48,6 +48,7 @@ from services.exam.store import (
     exam_columns,
     exam_message,
     json_loads,
+    set_times,
 )
 from services.exam.worker import ABANDON_AFTER_SECONDS, ScoringWorker
 from services.runtime import paging
@@ -147,9 +148,7 @@ def _report_message(row: asyncpg.Record) -> res.Report:
             items_correct=counts["correct"],
             proportion_of_items=counts["answered"] / max(row["items_answered"], 1),
         )
-    for field in ("start_time", "finish_time", "report_time"):
-        if row[field] is not None:
-            getattr(report, field).FromDatetime(row[field])
+    set_times(report, row, ("start_time", "finish_time", "report_time"))
     return report
 
 
@@ -187,9 +186,7 @@ def _attempt_summary(row: asyncpg.Record) -> res.Attempt:
         stop_reason=STOP_REASON_VALUES.get(row["stop_reason"], res.STOP_REASON_UNSPECIFIED),
         parameter_version=row["parameter_version"],
     )
-    for field in ("start_time", "deadline_time", "finish_time"):
-        if row[field] is not None:
-            getattr(summary, field).FromDatetime(row[field])
+    set_times(summary, row, ("start_time", "deadline_time", "finish_time"))
     return summary
 
 

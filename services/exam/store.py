@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from megacity.exam.v1 import resources_pb2 as res
 from services.exam import items as item_rules
@@ -475,10 +476,15 @@ def exam_message(row: asyncpg.Record, pool_size: int = 0) -> res.Exam:
         json_format.ParseDict(json_loads(row["fixed_form"]), exam.fixed_form)
     json_format.ParseDict(json_loads(row["score_scale"]), exam.score_scale)
     exam.time_limit.seconds = row["time_limit_seconds"]
-    for field in ("open_time", "close_time", "create_time", "update_time", "publish_time"):
-        if row[field] is not None:
-            getattr(exam, field).FromDatetime(row[field])
+    set_times(exam, row, ("open_time", "close_time", "create_time", "update_time", "publish_time"))
     return exam
+
+
+def set_times(message: Message, row: asyncpg.Record, fields: Sequence[str]) -> None:
+    """Copies the row's timestamp columns into the message's Timestamp fields of the same names (NULL: unset)."""
+    for field in fields:
+        if row[field] is not None:
+            getattr(message, field).FromDatetime(row[field])
 
 
 def json_loads(value: object) -> Any:
