@@ -15,8 +15,11 @@ so a zone added later reaches the edge at its next start.
 
 from __future__ import annotations
 
+import http.client
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -68,6 +71,26 @@ def write_config(edge: EdgeSettings, catalog: Catalog, path: Path) -> Path:
     scratch.write_text(compile_bootstrap(edge, catalog, default_pool()).to_json())
     scratch.replace(path)
     return path
+
+
+def wait_until_ready(admin_port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    """Blocks until Envoy's admin /ready answers 200 (its listeners are up); RuntimeError, with the end of its log,
+    when Envoy exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"envoy exited with {process.returncode}: {log.read_text(errors='replace')[-3000:]}")
+        connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
+        try:
+            connection.request("GET", "/ready")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        time.sleep(0.1)
+    raise RuntimeError(f"envoy was not ready after {timeout:g}s: {log.read_text(errors='replace')[-3000:]}")
 
 
 def envoy_command(config: Path) -> list[str]:

@@ -9,7 +9,6 @@ import http.client
 import json
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from openapi_spec_validator import validate
 from redis.asyncio import Redis
 
 from gateway import ratelimit
-from gateway.edge import OPENAPI_DOCUMENT, envoy_command, write_config
+from gateway.edge import OPENAPI_DOCUMENT, envoy_command, wait_until_ready, write_config
 from gateway.envoy_config import SECURITY_HEADERS, EdgeSettings, EdgeZone
 from ops.embedded import EmbeddedRedis
 from services.runtime.catalog import load_catalog
@@ -133,7 +132,7 @@ async def _running_edge(
     with (scratch / "edge.log").open("wb") as log:
         process = await asyncio.to_thread(subprocess.Popen, envoy_command(config), stdout=log, stderr=subprocess.STDOUT)
         try:
-            await asyncio.to_thread(_until_ready, settings.admin_port, process, scratch / "edge.log")
+            await asyncio.to_thread(wait_until_ready, settings.admin_port, process, scratch / "edge.log")
             yield Edge(settings.listen_port)
         finally:
             process.terminate()
@@ -145,23 +144,6 @@ async def edge(people: People, limiter: RateLimitService, tmp_path: Path) -> Asy
     ports = {"auth": people.auth_service.port, "tenant": people.tenant_service.port}
     async with _running_edge(people.pki_dir, ports, limiter.target, tmp_path) as running:
         yield running
-
-
-def _until_ready(admin_port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            raise AssertionError(f"envoy exited: {log.read_text()[-3000:]}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
-            connection.request("GET", "/ready")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            connection.close()
-        time.sleep(0.1)
-    raise AssertionError("envoy never became ready")
 
 
 def _reason(reply: Reply) -> str:

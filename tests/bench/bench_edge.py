@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.edge import OPENAPI_DOCUMENT, envoy_command, write_config
+from gateway.edge import OPENAPI_DOCUMENT, envoy_command, wait_until_ready, write_config
 from gateway.envoy_config import EdgeSettings, EdgeZone
 from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from services.runtime.contracts import descriptor_set_path
@@ -91,20 +91,6 @@ def _edge_settings(platform: _Platform) -> EdgeSettings:
     )
 
 
-def _until_ready(admin_port: int) -> None:
-    import http.client
-
-    for _ in range(300):
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
-            connection.request("GET", "/ready")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("envoy never became ready")
-
-
 async def _run(args: argparse.Namespace, directory: Path) -> dict[str, _Result]:
     cpus = _Cpus(*(frozenset(os.sched_getaffinity(0)),) * 3)
     with _databases(directory, cpus) as (postgres, redis):
@@ -113,12 +99,13 @@ async def _run(args: argparse.Namespace, directory: Path) -> dict[str, _Result]:
             [person] = await _register(auth, 1)
             settings = _edge_settings(platform)
             config = write_config(settings, platform.catalog, directory / "edge.json")
-            with (directory / "edge.log").open("wb") as log:
+            log_path = directory / "edge.log"
+            with log_path.open("wb") as log:
                 envoy = await asyncio.to_thread(
                     subprocess.Popen, envoy_command(config), stdout=log, stderr=subprocess.STDOUT
                 )
             try:
-                await asyncio.to_thread(_until_ready, settings.admin_port)
+                await asyncio.to_thread(wait_until_ready, settings.admin_port, envoy, log_path)
                 jwks = auth_service_pb2.GetJwksRequest().SerializeToString()
                 me = auth_service_pb2.GetMeRequest().SerializeToString()
                 token = person.access_token
