@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-pytest_plugins = ["tests.support.mesh", "tests.support.infra", "tests.support.accounts"]
+pytest_plugins = ["tests.support.mesh", "tests.support.infra", "tests.support.accounts", "tests.support.edge"]
 
 _OWN_BASETEMP = pytest.StashKey[str]()
 
