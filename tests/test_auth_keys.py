@@ -30,7 +30,26 @@ async def auth_pool(fresh_database: str, postgres: EmbeddedPostgres) -> AsyncIte
     await pool.close()
 
 
-def _token(keys: SigningKeys) -> str:
+ROTATION = 30 * 86400
+ANNOUNCE = 600
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+PII = PiiKeyRing.from_environment(generate_key_spec("k1"))
+
+
+def _keys(pool: asyncpg.Pool, clock: Clock) -> SigningKeys:
+    return SigningKeys(AuthStore(pool), PII, ROTATION, LIFETIME, ANNOUNCE, clock)
+
+
+def _token(keys: SigningKeys, now: float) -> str:
     token, _ = issue_access_token(
         keys.ring,
         user_id="u",
@@ -40,29 +59,36 @@ def _token(keys: SigningKeys) -> str:
         role="student",
         permissions=["exam:read"],
         session_id="s",
-        now=time.time(),
+        now=now,
         lifetime_seconds=LIFETIME,
     )
     return token
 
 
-async def test_rotation_keeps_live_tokens_valid(auth_pool: asyncpg.Pool, fresh_database: str) -> None:
-    pii = PiiKeyRing.from_environment(generate_key_spec("k1"))
-    keys = SigningKeys(AuthStore(auth_pool), pii, rotation_seconds=30 * 86400, token_lifetime=LIFETIME)
-    first = await keys.load()
-    old_token = _token(keys)
+async def test_rotation_keeps_live_tokens_valid_and_announces_the_new_key(
+    auth_pool: asyncpg.Pool, fresh_database: str
+) -> None:
+    clock = Clock()
+    keys = _keys(auth_pool, clock)
+    first = (await keys.load()).signing_key(clock.now)
+    old_token = _token(keys, clock.now)
     # Another replica (same database) loads the same key rather than making its own.
-    replica = SigningKeys(AuthStore(auth_pool), pii, rotation_seconds=30 * 86400, token_lifetime=LIFETIME)
-    assert (await replica.load()).current.kid == first.current.kid
+    assert (await _keys(auth_pool, clock).load()).signing_key(clock.now).kid == first.kid
+
     rotated = await keys.rotate()
-    assert rotated.current.kid != first.current.kid
-    new_token = _token(keys)
+    announced = rotated.newest()
+    assert announced.kid != first.kid
+    # Published at once, signing only once the announcement is over: a verifier holding the JWKS fetched now
+    # (Envoy caches it for 5 minutes) accepts the tokens before and after the switch.
     published = parse_jwks(keys.jwks())
-    assert set(published) == {first.current.kid, rotated.current.kid}
-    verifier = TokenVerifier(published)
-    assert verifier.verify(old_token).user_id == verifier.verify(new_token).user_id == "u"
+    assert set(published) == {first.kid, announced.kid}
+    assert rotated.signing_key(clock.now).kid == first.kid
+    switch = clock.now + ANNOUNCE
+    new_token = _token(keys, switch)
+    assert TokenVerifier(published, clock=lambda: switch).verify(new_token).user_id == "u"
+    assert TokenVerifier(published).verify(old_token).user_id == "u"
     # Once every token the old key signed has expired, the key leaves the JWKS and its tokens are refused.
-    later = time.time() + LIFETIME + 60
+    later = switch + LIFETIME + 60
     after_expiry = TokenVerifier(keys.ring.public_keys(later, LIFETIME), clock=lambda: later - LIFETIME)
     with pytest.raises(UnknownKeyId):
         after_expiry.verify(old_token)
@@ -74,6 +100,25 @@ async def test_rotation_keeps_live_tokens_valid(auth_pool: asyncpg.Pool, fresh_d
         await connection.close()
     assert len(stored) == 2
     assert all(row[0].startswith("v1.k1.") and "PRIVATE KEY" not in row[0] for row in stored)
+
+
+async def test_the_next_key_is_announced_before_the_current_one_is_due(auth_pool: asyncpg.Pool) -> None:
+    clock = Clock()
+    keys = _keys(auth_pool, clock)
+    first = (await keys.load()).newest()
+    clock.now += ROTATION - ANNOUNCE - 60  # not yet: the announcement would end before the key is due
+    assert [key.kid for key in (await keys.load()).keys] == [first.kid]
+    clock.now += 61  # due (a second over: the database keeps microseconds)
+    ring = await keys.load()
+    announced = ring.newest()
+    assert announced.kid != first.kid
+    assert announced.signs_from == pytest.approx(first.signs_from + ROTATION, abs=1)
+    assert ring.signing_key(clock.now).kid == first.kid
+    # Reloads during the announcement (this replica or another) add no further key.
+    clock.now += ANNOUNCE / 2
+    assert len((await _keys(auth_pool, clock).load()).keys) == 2
+    clock.now += ANNOUNCE
+    assert (await keys.load()).signing_key(clock.now).kid == announced.kid
 
 
 async def test_row_level_security_holds_on_accounts_even_without_a_filter(auth_pool: asyncpg.Pool) -> None:

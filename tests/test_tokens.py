@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -142,7 +143,7 @@ def test_an_issued_token_verifies_to_its_claims(ring: KeyRing) -> None:
 def test_the_header_and_claims_are_the_published_ones(ring: KeyRing) -> None:
     token, jti = _issue(ring, lifetime_seconds=60)
     header, payload, _ = token.split(".")
-    assert orjson.loads(base64url_decode(header)) == {"alg": "EdDSA", "typ": "JWT", "kid": ring.current.kid}
+    assert orjson.loads(base64url_decode(header)) == {"alg": "EdDSA", "typ": "JWT", "kid": ring.signing_key(NOW).kid}
     claims = orjson.loads(base64url_decode(payload))
     assert claims == _claims(jti=jti, exp=int(NOW) + 60)
     assert "=" not in token
@@ -170,7 +171,7 @@ def test_a_repeated_token_is_rechecked_against_the_clock(ring: KeyRing) -> None:
 
 
 def test_alg_none_is_refused(ring: KeyRing) -> None:
-    token = _forge({"alg": "none", "typ": "JWT", "kid": ring.current.kid}, _claims(), lambda _: b"")
+    token = _forge({"alg": "none", "typ": "JWT", "kid": ring.signing_key(NOW).kid}, _claims(), lambda _: b"")
     _rejects(_verifier(ring), token, INVALID, "algorithm")
     header, payload, _ = token.split(".")
     _rejects(_verifier(ring), f"{header}.{payload}", INVALID, "three segments")
@@ -179,14 +180,14 @@ def test_alg_none_is_refused(ring: KeyRing) -> None:
 @pytest.mark.parametrize("encoding", ["raw", "pem"])
 def test_hmac_keyed_with_the_public_key_is_refused(ring: KeyRing, encoding: str) -> None:
     """The classic confusion: a verifier that lets the header pick HS256 would check the HMAC with the public key."""
-    public = ring.current.public_key
+    public = ring.signing_key(NOW).public_key
     if encoding == "raw":
         secret = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     else:
         secret = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     for alg in ("HS256", "hs256", "EdDSA "):
         token = _forge(
-            {"alg": alg, "typ": "JWT", "kid": ring.current.kid},
+            {"alg": alg, "typ": "JWT", "kid": ring.signing_key(NOW).kid},
             _claims(role="admin"),
             lambda data: hmac.new(secret, data, hashlib.sha256).digest(),
         )
@@ -198,12 +199,12 @@ def test_a_key_outside_the_jwks_is_refused_with_its_kid(ring: KeyRing) -> None:
     token, _ = _issue(stranger)
     error = _rejects(_verifier(ring), token, INVALID, "unknown signing key")
     assert isinstance(error, UnknownKeyId)
-    assert error.kid == stranger.current.kid
+    assert error.kid == stranger.signing_key(NOW).kid
 
 
 def test_a_known_kid_on_another_keys_signature_is_refused(ring: KeyRing) -> None:
     impostor = Ed25519PrivateKey.generate()
-    token = _forge({"alg": "EdDSA", "typ": "JWT", "kid": ring.current.kid}, _claims(), impostor.sign)
+    token = _forge({"alg": "EdDSA", "typ": "JWT", "kid": ring.signing_key(NOW).kid}, _claims(), impostor.sign)
     _rejects(_verifier(ring), token, INVALID, "signature does not verify")
 
 
@@ -266,7 +267,7 @@ def test_garbage_is_invalid(ring: KeyRing, token: str, match: str) -> None:
 
 @pytest.mark.parametrize("header", [[1, 2], "EdDSA", 7, None])
 def test_a_header_that_is_not_an_object_is_invalid(ring: KeyRing, header: object) -> None:
-    token = _forge(header, _claims(), ring.current.private_key.sign)
+    token = _forge(header, _claims(), ring.signing_key(NOW).private_key.sign)
     _rejects(_verifier(ring), token, INVALID, "header is not a JSON object")
 
 
@@ -283,8 +284,8 @@ def test_a_header_that_is_not_an_object_is_invalid(ring: KeyRing, header: object
     ],
 )
 def test_a_header_must_be_ours(ring: KeyRing, header: dict[str, object], match: str) -> None:
-    header = {name: ring.current.kid if value == "KID" else value for name, value in header.items()}
-    token = _forge(header, _claims(), ring.current.private_key.sign)
+    header = {name: ring.signing_key(NOW).kid if value == "KID" else value for name, value in header.items()}
+    token = _forge(header, _claims(), ring.signing_key(NOW).private_key.sign)
     _rejects(_verifier(ring), token, INVALID, match)
 
 
@@ -317,16 +318,17 @@ def test_a_header_must_be_ours(ring: KeyRing, header: dict[str, object], match: 
     ],
 )
 def test_claims_must_be_present_and_well_typed(ring: KeyRing, overrides: dict[str, object], match: str) -> None:
-    _rejects(_verifier(ring), ring.sign(_claims(**overrides)), INVALID, match)
+    _rejects(_verifier(ring), ring.sign(_claims(**overrides), NOW), INVALID, match)
 
 
 def test_a_payload_that_is_not_an_object_is_invalid(ring: KeyRing) -> None:
-    token = _forge({"alg": "EdDSA", "typ": "JWT", "kid": ring.current.kid}, ["sub"], ring.current.private_key.sign)
+    key = ring.signing_key(NOW)
+    token = _forge({"alg": "EdDSA", "typ": "JWT", "kid": key.kid}, ["sub"], key.private_key.sign)
     _rejects(_verifier(ring), token, INVALID, "payload is not a JSON object")
 
 
 def test_an_audience_list_naming_us_is_accepted(ring: KeyRing) -> None:
-    assert _verifier(ring).verify(ring.sign(_claims(aud=["other", "megacity"]))).user_id == "user-1"
+    assert _verifier(ring).verify(ring.sign(_claims(aud=["other", "megacity"]), NOW)).user_id == "user-1"
 
 
 @given(garbage=st.binary(max_size=300) | st.text(max_size=300))
@@ -364,13 +366,13 @@ def test_a_token_from_the_future_is_not_yet_valid(ring: KeyRing) -> None:
 
 
 def test_not_before_is_honoured(ring: KeyRing) -> None:
-    token = ring.sign(_claims(nbf=int(NOW) + 300))
+    token = ring.sign(_claims(nbf=int(NOW) + 300), NOW)
     _rejects(_verifier(ring), token, NOT_YET_VALID, "not valid yet")
     assert _verifier(ring, at=NOW + 300 - LEEWAY).verify(token).user_id == "user-1"
 
 
 def test_expired_is_reported_before_not_yet_valid(ring: KeyRing) -> None:
-    _rejects(_verifier(ring), ring.sign(_claims(iat=int(NOW) + 600, exp=int(NOW) - 600)), EXPIRED, "expired")
+    _rejects(_verifier(ring), ring.sign(_claims(iat=int(NOW) + 600, exp=int(NOW) - 600), NOW), EXPIRED, "expired")
 
 
 # --- keys, rotation and the JWKS --------------------------------------------------------------------------
@@ -381,35 +383,60 @@ def test_a_token_outlives_the_rotation_of_its_key_but_not_its_publication() -> N
     token, _ = _issue(before)
     rotated_at = NOW + 60
     after = before.rotate(rotated_at)
-    assert after.current.kid != before.current.kid
+    old_key, new_key = after.keys
+    assert old_key.kid == before.signing_key(NOW).kid != new_key.kid
     assert [key.retired_at for key in after.keys] == [rotated_at, None]
     new_token, _ = _issue(after, now=rotated_at)
-    assert orjson.loads(base64url_decode(new_token.split(".")[0]))["kid"] == after.current.kid
+    assert orjson.loads(base64url_decode(new_token.split(".")[0]))["kid"] == new_key.kid
 
     still_published = rotated_at + LIFETIME + LEEWAY - 1
-    assert {key.kid for key in after.published(still_published, LIFETIME)} == {before.current.kid, after.current.kid}
+    assert {key.kid for key in after.published(still_published, LIFETIME)} == {old_key.kid, new_key.kid}
     assert _verifier(after, at=NOW + 120).verify(token).user_id == "user-1"
     assert _verifier(after, at=rotated_at).verify(new_token).user_id == "user-1"
 
     gone = rotated_at + LIFETIME + LEEWAY
-    assert [key.kid for key in after.published(gone, LIFETIME)] == [after.current.kid]
+    assert [key.kid for key in after.published(gone, LIFETIME)] == [new_key.kid]
     # A clock still inside the token's window isolates the key's withdrawal from the token's expiry.
     error = _rejects(_verifier(after, at=NOW + 120, keys_at=gone), token, INVALID, "unknown signing key")
     assert isinstance(error, UnknownKeyId)
     assert _verifier(after, at=NOW + 120, keys_at=gone).verify(new_token).user_id == "user-1"
 
 
+def test_an_announced_key_is_published_before_it_signs() -> None:
+    """A verifier that fetched the JWKS while the key was only announced accepts its first tokens."""
+    announce = 600.0
+    before = KeyRing([generate_signing_key(NOW - 86_400)])
+    after = before.rotate(NOW, announce_seconds=announce)
+    old_key, new_key = after.keys
+    assert (new_key.created_at, new_key.signs_from, old_key.retired_at) == (NOW, NOW + announce, NOW + announce)
+    cached = after.public_keys(NOW, LIFETIME)  # what a verifier fetched at the announcement
+    assert set(cached) == {old_key.kid, new_key.kid}
+    for moment, signer in ((NOW, old_key), (NOW + announce - 1, old_key), (NOW + announce, new_key)):
+        assert after.signing_key(moment) == signer
+        token, _ = _issue(after, now=moment)
+        assert TokenVerifier(cached, clock=partial(float, moment)).verify(token).user_id == "user-1"
+    # The old key's last tokens stay verifiable until they expire; then it leaves the JWKS.
+    assert old_key.kid in after.public_keys(NOW + announce + LIFETIME + LEEWAY - 1, LIFETIME)
+    assert set(after.public_keys(NOW + announce + LIFETIME + LEEWAY, LIFETIME)) == {new_key.kid}
+
+
 def test_rotating_twice_keeps_one_signing_key() -> None:
     ring = KeyRing([generate_signing_key(NOW)]).rotate(NOW + 10).rotate(NOW + 20)
     assert [key.retired_at for key in ring.keys] == [NOW + 10, NOW + 20, None]
-    assert ring.current is ring.keys[-1]
+    assert ring.signing_key(NOW + 20) is ring.keys[-1]
+    assert ring.signing_key(NOW + 15) is ring.keys[1]
     assert len(ring.published(NOW + 20, LIFETIME)) == 3
 
 
-def test_the_newest_unretired_key_signs() -> None:
+def test_the_unretired_key_activated_last_signs() -> None:
     old, new = generate_signing_key(NOW), generate_signing_key(NOW + 5)
     retired_newest = SigningKey(Ed25519PrivateKey.generate(), created_at=NOW + 9, retired_at=NOW + 9)
-    assert KeyRing([new, retired_newest, old]).current == new
+    announced = generate_signing_key(NOW + 10, activates_at=NOW + 100)
+    ring = KeyRing([new, retired_newest, old, announced])
+    assert ring.signing_key(NOW + 10) == new
+    assert ring.signing_key(NOW + 100) == announced
+    assert ring.newest() == announced
+    assert ring.signing_key(NOW - 1) == old  # a clock lagging the replica that made the first key
 
 
 def test_a_ring_needs_one_unretired_key_and_no_duplicates() -> None:
@@ -497,7 +524,7 @@ def test_parse_jwks_rejects_duplicates_and_private_keys() -> None:
 
 
 def test_a_key_survives_its_pem(ring: KeyRing) -> None:
-    key = SigningKey(ring.current.private_key, created_at=NOW - 5, retired_at=NOW)
+    key = SigningKey(ring.signing_key(NOW).private_key, created_at=NOW - 5, retired_at=NOW)
     pem = private_key_pem(key)
     assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
     loaded = load_signing_key(pem, created_at=NOW - 5, retired_at=NOW)
@@ -514,8 +541,8 @@ def test_a_pem_of_another_key_type_is_refused() -> None:
 
 
 def test_a_signing_key_does_not_print_its_secret(ring: KeyRing) -> None:
-    secret = ring.current.private_key.private_bytes(
+    secret = ring.signing_key(NOW).private_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
-    assert _b64(secret) not in repr(ring.current)
-    assert "private_key" not in repr(ring.current)
+    assert _b64(secret) not in repr(ring.signing_key(NOW))
+    assert "private_key" not in repr(ring.signing_key(NOW))

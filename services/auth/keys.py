@@ -2,13 +2,15 @@
 schedule, and published as the JWKS with every key whose tokens may still be alive.
 
 Every auth replica loads the same keys from PostgreSQL; rotation happens in one replica at a time (an
-advisory lock in the store) and the others pick the new key up at their next reload.
+advisory lock in the store) and the others pick the new key up at their next reload. A new key is announced
+(published) `announce_seconds` before it signs: longer than any verifier caches the JWKS (Envoy: 5 minutes)
+plus a replica's reload interval, so no verifier meets a token whose key it has not fetched yet.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 from services.auth.pii import PiiKeyRing
@@ -21,11 +23,21 @@ def _context(kid: str) -> str:
 
 
 class SigningKeys:
-    def __init__(self, store: AuthStore, pii: PiiKeyRing, rotation_seconds: float, token_lifetime: float) -> None:
+    def __init__(
+        self,
+        store: AuthStore,
+        pii: PiiKeyRing,
+        rotation_seconds: float,
+        token_lifetime: float,
+        announce_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         self._pii = pii
         self._rotation_seconds = rotation_seconds
         self._token_lifetime = token_lifetime
+        self._announce_seconds = announce_seconds
+        self._clock = clock
         self._ring: KeyRing | None = None
 
     @property
@@ -35,31 +47,44 @@ class SigningKeys:
         return self._ring
 
     async def load(self) -> KeyRing:
-        """Reads the keys; makes the first one, or a new one when the current key is due for rotation."""
+        """Reads the keys; makes the first one (signing at once: nobody can hold tokens yet), or announces the next
+        one when the newest key will have signed for `rotation_seconds` once the announcement is over."""
         ring = await self._read()
-        now = time.time()
-        if ring is None or now - ring.current.created_at >= self._rotation_seconds:
-            # Replicas starting together would each rotate: the first wins, the others keep its key.
+        now = self._clock()
+        if ring is None:
             await self._add(generate_signing_key(now), unless_newer_than=timedelta(seconds=60))
-            ring = await self._read()
-            assert ring is not None
+        elif now + self._announce_seconds - ring.newest().signs_from >= self._rotation_seconds:
+            # Replicas reloading together would each rotate: the first wins, the others keep its key.
+            await self._add(self._announced_key(now), unless_newer_than=timedelta(seconds=60))
+        else:
+            self._ring = ring
+            return ring
+        ring = await self._read()
+        assert ring is not None
         self._ring = ring
         return ring
 
     async def rotate(self) -> KeyRing:
-        """A new current key now; the previous ones stay published until their tokens have expired."""
-        await self._add(generate_signing_key(time.time()), unless_newer_than=timedelta(0))
+        """Announces a new key now (it signs once the announcement is over); the previous ones stay published until
+        their tokens have expired."""
+        await self._add(self._announced_key(self._clock()), unless_newer_than=timedelta(0))
         return await self.load()
+
+    def _announced_key(self, now: float) -> SigningKey:
+        return generate_signing_key(now, activates_at=now + self._announce_seconds)
 
     async def _add(self, key: SigningKey, unless_newer_than: timedelta) -> None:
         encrypted = self._pii.encrypt(private_key_pem(key).decode(), _context(key.kid))
-        await self._store.add_signing_key(key.kid, encrypted, _datetime(key.created_at), unless_newer_than)
+        await self._store.add_signing_key(
+            key.kid, encrypted, _datetime(key.created_at), _datetime(key.signs_from), unless_newer_than
+        )
 
     async def _read(self) -> KeyRing | None:
         keys = [
             load_signing_key(
                 self._pii.decrypt(row["private_key_encrypted"], _context(row["kid"])).encode(),
                 created_at=row["create_time"].timestamp(),
+                activates_at=row["activate_time"].timestamp(),
                 retired_at=None if row["retire_time"] is None else row["retire_time"].timestamp(),
             )
             for row in await self._store.signing_keys()
@@ -69,7 +94,7 @@ class SigningKeys:
         return KeyRing(keys)
 
     def jwks(self) -> Mapping[str, object]:
-        return {"keys": self.ring.jwks(time.time(), self._token_lifetime)}
+        return {"keys": self.ring.jwks(self._clock(), self._token_lifetime)}
 
 
 def _datetime(timestamp: float) -> datetime:

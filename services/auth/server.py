@@ -1278,7 +1278,13 @@ def servicers(deps: Dependencies) -> list[ServicerBinding]:
         raise RuntimeError("the auth service needs PostgreSQL and Redis (MEGACITY_DATABASE_URL, MEGACITY_REDIS_URL)")
     settings = AuthSettings.from_environment()
     store = AuthStore(deps.database)
-    keys = SigningKeys(store, settings.pii, settings.signing_key_rotation_seconds, settings.access_token_seconds)
+    keys = SigningKeys(
+        store,
+        settings.pii,
+        settings.signing_key_rotation_seconds,
+        settings.access_token_seconds,
+        settings.signing_key_announce_seconds,
+    )
     revocations = Revocations(deps.redis, store, settings.access_token_seconds)
     loaded_at = -KEY_RELOAD_SECONDS
 

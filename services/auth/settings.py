@@ -9,6 +9,8 @@
 | MEGACITY_REFRESH_TOKEN_SECONDS         | 2592000   | refresh token lifetime (30 days)                             |
 | MEGACITY_BCRYPT_COST                   | 12        | bcrypt work factor for new password hashes                   |
 | MEGACITY_SIGNING_KEY_ROTATION_SECONDS  | 2592000   | age at which the signing key is replaced (30 days)           |
+| MEGACITY_SIGNING_KEY_ANNOUNCE_SECONDS  | 600       | a new key is published this long before it signs: more than  |
+|                                        |           | verifiers cache the JWKS (Envoy 300 s) plus a reload (60 s)  |
 | MEGACITY_LOGIN_SLOWDOWN                | 1         | multiplies the delay after repeated failed logins (0: none)  |
 """
 
@@ -33,6 +35,7 @@ class AuthSettings:
     refresh_token_seconds: int
     bcrypt_cost: int
     signing_key_rotation_seconds: float
+    signing_key_announce_seconds: float
     login_slowdown: float
 
     @classmethod
@@ -48,5 +51,6 @@ class AuthSettings:
             refresh_token_seconds=int(env_number("MEGACITY_REFRESH_TOKEN_SECONDS", REFRESH_TOKEN_LIFETIME_SECONDS)),
             bcrypt_cost=int(env_number("MEGACITY_BCRYPT_COST", DEFAULT_BCRYPT_COST)),
             signing_key_rotation_seconds=env_number("MEGACITY_SIGNING_KEY_ROTATION_SECONDS", 30 * 24 * 3600),
+            signing_key_announce_seconds=env_number("MEGACITY_SIGNING_KEY_ANNOUNCE_SECONDS", 600),
             login_slowdown=env_number("MEGACITY_LOGIN_SLOWDOWN", 1.0),
         )

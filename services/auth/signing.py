@@ -1,9 +1,13 @@
 """The auth service's access-token signing: Ed25519 keys, their rotation, the JWKS and token issuance.
 
 Pure logic; the key store persists keys as PKCS8 PEM (encrypting them itself) with their timestamps. A key
-is named by its RFC 7638 JWK thumbprint, so a `kid` always means the same key. Rotation never invalidates
-live tokens: a retired key stays published until every token it signed has expired, and verifiers that
-meet a new `kid` refresh their JWKS once (see `services.runtime.tokens.UnknownKeyId`).
+is named by its RFC 7638 JWK thumbprint, so a `kid` always means the same key.
+
+Rotation never invalidates a live token, nor refuses a new one:
+- a new key is published when it is created but signs only from `activates_at`, an announcement period later,
+  so verifiers that cache the JWKS (Envoy keeps it 5 minutes and never refetches on an unknown `kid`) already
+  hold it when its first token arrives;
+- the key it replaces signs until then, and stays published until every token it signed has expired.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class SigningKey:
     private_key: Ed25519PrivateKey = field(repr=False, compare=False)
     created_at: float
     retired_at: float | None = None
+    # When it starts signing; before that it is only published. None: as soon as it is created.
+    activates_at: float | None = None
     kid: str = field(init=False)
     # The JWS header is the same for every token this key signs: encode it once.
     _header_segment: str = field(init=False, repr=False, compare=False)
@@ -48,6 +54,10 @@ class SigningKey:
         header = orjson.dumps({"alg": ALGORITHM, "typ": JWT_TYPE, "kid": kid})
         object.__setattr__(self, "kid", kid)
         object.__setattr__(self, "_header_segment", base64url_encode(header))
+
+    @property
+    def signs_from(self) -> float:
+        return self.created_at if self.activates_at is None else self.activates_at
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -70,8 +80,8 @@ class SigningKey:
         return f"{signing_input}.{base64url_encode(signature)}"
 
 
-def generate_signing_key(now: float) -> SigningKey:
-    return SigningKey(Ed25519PrivateKey.generate(), created_at=now)
+def generate_signing_key(now: float, activates_at: float | None = None) -> SigningKey:
+    return SigningKey(Ed25519PrivateKey.generate(), created_at=now, activates_at=activates_at)
 
 
 def private_key_pem(key: SigningKey) -> bytes:
@@ -81,33 +91,49 @@ def private_key_pem(key: SigningKey) -> bytes:
     )
 
 
-def load_signing_key(pem: bytes, *, created_at: float, retired_at: float | None = None) -> SigningKey:
+def load_signing_key(
+    pem: bytes, *, created_at: float, retired_at: float | None = None, activates_at: float | None = None
+) -> SigningKey:
     """A key persisted by `private_key_pem`; raises ValueError for anything but an Ed25519 private key."""
     private_key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(private_key, Ed25519PrivateKey):
         raise ValueError("the PEM does not hold an Ed25519 private key")
-    return SigningKey(private_key, created_at=created_at, retired_at=retired_at)
+    return SigningKey(private_key, created_at=created_at, retired_at=retired_at, activates_at=activates_at)
 
 
 class KeyRing:
-    """The signing keys: the newest unretired one signs, retired ones are published until their tokens expire."""
+    """The signing keys: at any time the unretired key activated last signs; keys are published from their creation
+    until their tokens have expired."""
 
     def __init__(self, keys: Sequence[SigningKey]) -> None:
         if len({key.kid for key in keys}) != len(keys):
             raise ValueError("the key ring holds the same key twice")
-        active = [key for key in keys if key.retired_at is None]
-        if not active:
+        if not any(key.retired_at is None for key in keys):
             raise ValueError("the key ring has no unretired key to sign with")
         self.keys = tuple(sorted(keys, key=lambda key: key.created_at))
-        self.current = max(active, key=lambda key: key.created_at)
 
-    def sign(self, claims: Mapping[str, object]) -> str:
-        return self.current.sign(claims)
+    def signing_key(self, now: float) -> SigningKey:
+        # Never empty: the ring holds a key without a retirement.
+        unretired = [key for key in self.keys if key.retired_at is None or now < key.retired_at]
+        active = [key for key in unretired if key.signs_from <= now]
+        if not active:
+            # Only before the very first key's creation, on a clock that lags the replica that made it.
+            return min(unretired, key=lambda key: key.signs_from)
+        return max(active, key=lambda key: key.signs_from)
 
-    def rotate(self, now: float) -> KeyRing:
-        """A ring whose new key signs from now on; every key that could sign until now is retired at `now`."""
-        kept = [key if key.retired_at is not None else replace(key, retired_at=now) for key in self.keys]
-        return KeyRing([*kept, generate_signing_key(now)])
+    def newest(self) -> SigningKey:
+        """The key created last: the one signing, or the one announced to sign next."""
+        return self.keys[-1]
+
+    def sign(self, claims: Mapping[str, object], now: float) -> str:
+        return self.signing_key(now).sign(claims)
+
+    def rotate(self, now: float, announce_seconds: float = 0.0) -> KeyRing:
+        """A ring with a new key, published from `now` and signing `announce_seconds` later; the keys that could
+        sign until then are retired at that moment."""
+        activates_at = now + announce_seconds
+        kept = [key if key.retired_at is not None else replace(key, retired_at=activates_at) for key in self.keys]
+        return KeyRing([*kept, generate_signing_key(now, activates_at)])
 
     def published(
         self,
@@ -115,7 +141,8 @@ class KeyRing:
         token_lifetime: float = DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS,
         leeway: float = DEFAULT_LEEWAY_SECONDS,
     ) -> list[SigningKey]:
-        """The keys verifiers need at `now`: a retired key until the last token it signed is past its expiry."""
+        """The keys verifiers need at `now`: the signing key, an announced one, and a retired key until the last
+        token it signed is past its expiry."""
         return [key for key in self.keys if key.retired_at is None or key.retired_at + token_lifetime + leeway > now]
 
     def jwks(self, now: float, token_lifetime: float = DEFAULT_ACCESS_TOKEN_LIFETIME_SECONDS) -> list[dict[str, str]]:
@@ -161,4 +188,4 @@ def issue_access_token(
         "exp": issued_at + lifetime_seconds,
         "jti": jti,
     }
-    return ring.sign(claims), jti
+    return ring.sign(claims, now), jti

@@ -122,27 +122,30 @@ class AuthStore:
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
             return list(
                 await connection.fetch(
-                    "SELECT kid, private_key_encrypted, create_time, retire_time FROM signing_keys ORDER BY create_time"
+                    "SELECT kid, private_key_encrypted, create_time, activate_time, retire_time FROM signing_keys "
+                    "ORDER BY create_time"
                 )
             )
 
     async def add_signing_key(
-        self, kid: str, private_key_encrypted: str, created: datetime, unless_newer_than: timedelta
+        self, kid: str, private_key_encrypted: str, created: datetime, activates: datetime, unless_newer_than: timedelta
     ) -> bool:
-        """Stores a new current key and retires the others, unless the current key is younger than
-        `unless_newer_than` (another replica rotated a moment ago): then False, and its key stays."""
+        """Stores a new key signing from `activates` and retires the others then, unless the newest key is younger
+        than `unless_newer_than` (another replica rotated a moment ago): then False, and its key stays."""
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
             # One rotation at a time across replicas; the loser keeps the winner's key.
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext('auth.signing_keys'))")
             newest = await connection.fetchval("SELECT max(create_time) FROM signing_keys WHERE retire_time IS NULL")
             if newest is not None and newest > created - unless_newer_than:
                 return False
-            await connection.execute("UPDATE signing_keys SET retire_time = $1 WHERE retire_time IS NULL", created)
+            await connection.execute("UPDATE signing_keys SET retire_time = $1 WHERE retire_time IS NULL", activates)
             await connection.execute(
-                "INSERT INTO signing_keys (kid, private_key_encrypted, create_time) VALUES ($1, $2, $3)",
+                "INSERT INTO signing_keys (kid, private_key_encrypted, create_time, activate_time) "
+                "VALUES ($1, $2, $3, $4)",
                 kid,
                 private_key_encrypted,
                 created,
+                activates,
             )
             return True
 

@@ -49,8 +49,9 @@ def _percentile(durations: list[float], fraction: float) -> float:
 
 
 def run(iterations: int) -> str:
-    ring = KeyRing([generate_signing_key(time.time())])
-    public_key = ring.current.public_key
+    now = time.time()
+    ring = KeyRing([generate_signing_key(now)])
+    public_key = ring.signing_key(now).public_key
     raw_public_key = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def issue() -> str:
