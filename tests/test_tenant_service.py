@@ -25,7 +25,7 @@ from services.runtime.errors import (
 )
 from services.tenant import zones
 from services.tenant.store import TenantStore
-from tests.support.accounts import People, reason
+from tests.support.accounts import Caller, People, reason
 from tests.support.mesh import channel_as, make_config, mesh_catalog, running
 
 SEEDED = {
@@ -354,3 +354,59 @@ async def test_a_super_admin_routes_domains_to_zones(people: People) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as gone:
         await people.tenant.ResolveZone(tenant_service_pb2.ResolveZoneRequest(host="api.mpc-practice.kr"))
     assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_current_zone_is_the_hosts_and_needs_no_token(people: People) -> None:
+    current = await people.tenant.GetCurrentZone(
+        tenant_service_pb2.GetCurrentZoneRequest(), metadata=Caller("kzone").metadata()
+    )
+    assert (current.zone.id, list(current.zone.domains)) == ("kzone", ["my-ktube.ai", "my-ktube.com"])
+    with pytest.raises(grpc.aio.AioRpcError) as zoneless:
+        await people.tenant.GetCurrentZone(tenant_service_pb2.GetCurrentZoneRequest())
+    assert (zoneless.value.code(), reason(zoneless.value)) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_ZONE")
+
+
+async def test_a_zone_update_writes_only_what_it_names_and_checks_it(people: People) -> None:
+    admin = await people.as_new_user("mpc", "mpc-public", "zone_admin")
+    before = await people.tenant.GetZone(tenant_service_pb2.GetZoneRequest(zone_id="mpc"), metadata=admin.metadata())
+    # No mask: the fields the request sets, and only those.
+    described = await people.tenant.UpdateZone(
+        tenant_service_pb2.UpdateZoneRequest(zone_id="mpc", zone=resources_pb2.Zone(description="Practice rooms")),
+        metadata=admin.metadata(),
+    )
+    assert (described.zone.description, described.zone.display_name) == ("Practice rooms", before.zone.display_name)
+    assert described.zone.default_locale == before.zone.default_locale
+    nothing = await people.tenant.UpdateZone(
+        tenant_service_pb2.UpdateZoneRequest(zone_id="mpc"), metadata=admin.metadata()
+    )
+    assert nothing.zone.display_name == before.zone.display_name
+    # Named fields must hold valid values: clearing the name, a locale that is not a language tag.
+    invalid = tenant_service_pb2.UpdateZoneRequest(
+        zone_id="mpc",
+        zone=resources_pb2.Zone(default_locale="not a locale", supported_locales=["ko", "ko"]),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name", "default_locale", "supported_locales"]),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await people.tenant.UpdateZone(invalid, metadata=admin.metadata())
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    fields = {field for field, _ in field_violations(status_from_error(refused.value))}
+    assert fields == {"zone.display_name", "zone.default_locale", "zone.supported_locales"}
+
+
+async def test_a_disabled_zone_is_listed_for_super_admins_only(people: People) -> None:
+    root = await people.as_new_user("dreamseed", "dreamseed-public", "super_admin")
+    student = await people.as_new_user("univ", "univ-public", "student")
+    await people.tenant.UpdateZone(
+        tenant_service_pb2.UpdateZoneRequest(
+            zone_id="medi",
+            status=resources_pb2.ZONE_STATUS_DISABLED,
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        ),
+        metadata=root.metadata(),
+    )
+    for caller, sees in ((root, True), (student, False)):
+        listed = await people.tenant.ListZones(tenant_service_pb2.ListZonesRequest(), metadata=caller.metadata())
+        assert ("medi" in {zone.id for zone in listed.zones}) is sees
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        await people.tenant.GetZone(tenant_service_pb2.GetZoneRequest(zone_id="medi"), metadata=student.metadata())
+    assert hidden.value.code() is grpc.StatusCode.NOT_FOUND

@@ -13,7 +13,7 @@ from megacity.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from megacity.tenant.v1 import resources_pb2 as tenant_resources
 from megacity.tenant.v1 import tenant_service_pb2 as pb
 from megacity.tenant.v1 import tenant_service_pb2_grpc
-from services.runtime import paging
+from services.runtime import callcontext, paging
 from services.runtime.audit import Auditor
 from services.runtime.callcontext import require_principal
 from services.runtime.channels import ChannelFactory
@@ -83,13 +83,27 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
 
     # --- zones ----------------------------------------------------------------------------------------------
 
+    async def GetCurrentZone(
+        self,
+        request: pb.GetCurrentZoneRequest,
+        context: UnaryContext[pb.GetCurrentZoneRequest, pb.GetCurrentZoneResponse],
+    ) -> pb.GetCurrentZoneResponse:
+        call = callcontext.current.get()
+        zone_id = call.zone if call else ""
+        if not zone_id:
+            raise NotFound(
+                "the request has no zone: call through the edge, on a zone's host",
+                reason=ErrorReason.ERROR_REASON_UNKNOWN_ZONE,
+            )
+        return pb.GetCurrentZoneResponse(zone=await self._store.zone(zone_id, with_disabled=False))
+
     async def ListZones(
         self, request: pb.ListZonesRequest, context: UnaryContext[pb.ListZonesRequest, pb.ListZonesResponse]
     ) -> pb.ListZonesResponse:
         limit = paging.page_size(request.page_size, MAX_PAGE)
         position = paging.decode(request.page_token, ["zones"])
         after = str(position[0]) if position else None
-        found = await self._store.zones(after, limit + 1)
+        found = await self._store.zones(after, limit + 1, with_disabled=zones.sees_disabled_zones(_actor()))
         next_token = paging.encode([found[limit - 1].id], ["zones"]) if len(found) > limit else ""
         return pb.ListZonesResponse(zones=found[:limit], next_page_token=next_token)
 
@@ -99,14 +113,17 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
         violations = Violations()
         _required(violations, request.zone_id, "zone_id")
         violations.raise_if_any()
-        return pb.GetZoneResponse(zone=await self._store.zone(request.zone_id))
+        with_disabled = zones.sees_disabled_zones(_actor())
+        return pb.GetZoneResponse(zone=await self._store.zone(request.zone_id, with_disabled=with_disabled))
 
     async def CreateZone(
         self, request: pb.CreateZoneRequest, context: UnaryContext[pb.CreateZoneRequest, pb.CreateZoneResponse]
     ) -> pb.CreateZoneResponse:
         zones.require_platform(_actor(), "add zones")
         violations = Violations()
-        zones.check_zone_fields(violations, request.zone, "zone", creating=True)
+        zones.check_zone_fields(
+            violations, request.zone, "zone", {"id", *zones.zone_update_paths([], request.zone), "display_name"}
+        )
         domains = [
             zones.check_domain(violations, domain, f"domains[{index}]") for index, domain in enumerate(request.domains)
         ]
@@ -124,14 +141,15 @@ class TenantServicer(tenant_service_pb2_grpc.TenantServiceServicer):
     ) -> pb.UpdateZoneResponse:
         actor = _actor()
         zones.require_zone_admin_of(actor, request.zone_id, "change this zone")
-        paths = set(request.update_mask.paths) or {"display_name", "description", "default_locale"}
+        paths = zones.zone_update_paths(request.update_mask.paths, request.zone)
         violations = Violations()
-        unknown = paths - {"display_name", "description", "default_locale", "supported_locales", "status"}
+        unknown = paths - {*zones.ZONE_EDITABLE, "status"}
         violations.check(not unknown, "update_mask", f"not updatable: {', '.join(sorted(unknown))}")
-        zones.check_zone_fields(violations, request.zone, "zone", creating=False)
+        zones.check_zone_fields(violations, request.zone, "zone", paths)
         violations.raise_if_any()
         changes: dict[str, object] = {
-            path: getattr(request.zone, path) for path in paths & {"display_name", "description", "default_locale"}
+            path: getattr(request.zone, path).strip() if path == "display_name" else getattr(request.zone, path)
+            for path in paths & {"display_name", "description", "default_locale"}
         }
         if "supported_locales" in paths:
             changes["supported_locales"] = list(request.zone.supported_locales)

@@ -84,20 +84,25 @@ class TenantStore:
             )
         return None if row is None else (zone_message(row), row["matched"])
 
-    async def zone(self, zone_id: str) -> resources_pb2.Zone:
+    async def zone(self, zone_id: str, *, with_disabled: bool = True) -> resources_pb2.Zone:
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
-            row = await connection.fetchrow(f"SELECT {_ZONE_COLUMNS} FROM zones z WHERE z.zone_id = $1", zone_id)
+            row = await connection.fetchrow(
+                f"SELECT {_ZONE_COLUMNS} FROM zones z WHERE z.zone_id = $1 AND ($2 OR z.status = 'active')",
+                zone_id,
+                with_disabled,
+            )
         if row is None:
             raise NotFound(f"zone {zone_id!r} does not exist", reason=ErrorReason.ERROR_REASON_UNKNOWN_ZONE)
         return zone_message(row)
 
-    async def zones(self, after: str | None, limit: int) -> list[resources_pb2.Zone]:
+    async def zones(self, after: str | None, limit: int, *, with_disabled: bool) -> list[resources_pb2.Zone]:
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
             rows = await connection.fetch(
-                f"SELECT {_ZONE_COLUMNS} FROM zones z WHERE $1::text IS NULL OR z.zone_id > $1 "
-                "ORDER BY z.zone_id LIMIT $2",
+                f"SELECT {_ZONE_COLUMNS} FROM zones z WHERE ($1::text IS NULL OR z.zone_id > $1) "
+                "AND ($3 OR z.status = 'active') ORDER BY z.zone_id LIMIT $2",
                 after,
                 limit,
+                with_disabled,
             )
         return [zone_message(row) for row in rows]
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 from megacity.tenant.v1 import resources_pb2
@@ -17,6 +18,9 @@ from services.runtime.database import TenantScope
 from services.runtime.errors import ErrorReason, InvalidArgument, PermissionDenied, Violations
 
 ZONE_ID = re.compile(r"[a-z][a-z0-9-]{1,30}")
+# A BCP 47 language tag as zones use them: a language, then optional script / region / variant subtags.
+LOCALE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+ZONE_EDITABLE = ("display_name", "description", "default_locale", "supported_locales")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})+")
 _PORT = re.compile(r":\d{1,5}$")
@@ -120,16 +124,42 @@ def organization_fields_allowed(actor: Actor, org_zone: str, org_id: str, fields
     raise _out_of_scope("this organisation is outside your scope")
 
 
-def check_zone_fields(violations: Violations, zone: resources_pb2.Zone, prefix: str, *, creating: bool) -> None:
-    if creating:
+def sees_disabled_zones(actor: Actor) -> bool:
+    """Disabled zones are hidden from everyone but the platform's administrators."""
+    return actor.role == "super_admin"
+
+
+def zone_update_paths(mask: Sequence[str], zone: resources_pb2.Zone) -> set[str]:
+    """The fields an update writes: its mask's, or without a mask the editable fields the request sets."""
+    if mask:
+        return set(mask)
+    return {name for name in ZONE_EDITABLE if getattr(zone, name)}
+
+
+def check_zone_fields(violations: Violations, zone: resources_pb2.Zone, prefix: str, fields: Set[str]) -> None:
+    """The zone's `fields` (those a create or an update writes) hold valid values."""
+    if "id" in fields:
         violations.check(
             bool(ZONE_ID.fullmatch(zone.id)), f"{prefix}.id", "2-31 characters: a-z first, then a-z, 0-9 or -"
         )
-    if creating or zone.display_name:
+    if "display_name" in fields:
         violations.check(
             0 < len(zone.display_name.strip()) <= MAX_NAME, f"{prefix}.display_name", "required, 1-200 characters"
         )
-    violations.check(len(zone.description) <= 2000, f"{prefix}.description", "at most 2000 characters")
+    if "description" in fields:
+        violations.check(len(zone.description) <= 2000, f"{prefix}.description", "at most 2000 characters")
+    if "default_locale" in fields:
+        violations.check(
+            bool(LOCALE.fullmatch(zone.default_locale)), f"{prefix}.default_locale", "a language tag such as en or ko"
+        )
+    if "supported_locales" in fields:
+        locales = list(zone.supported_locales)
+        violations.check(
+            0 < len(locales) <= 50 and all(LOCALE.fullmatch(locale) for locale in locales),
+            f"{prefix}.supported_locales",
+            "1-50 language tags such as en or ko",
+        )
+        violations.check(len(set(locales)) == len(locales), f"{prefix}.supported_locales", "each locale once")
 
 
 def check_domain(violations: Violations, domain: str, field: str) -> str:
