@@ -298,3 +298,23 @@ async def test_text_the_database_cannot_hold_is_the_callers_error(people: People
     error = await _fails(people.auth.GetUser(pb.GetUserRequest(user_id="a\x00b"), metadata=admin.metadata()))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "NUL" in (error.details() or "")
+
+
+async def test_an_admin_lists_the_sessions_of_a_user_in_scope_only(people: People) -> None:
+    zone_admin = await people.as_new_user("univ", "univ-public", "zone_admin")
+    academy = await _academy(people, zone_admin)
+    email = await people.add_user("univ", academy.id, "student")
+    student = await people.sign_in("univ", email)
+    await people.sign_in("univ", email)
+    student_id = (await people.auth.GetMe(pb.GetMeRequest(), metadata=student.metadata())).user.id
+    listed = await people.auth.ListSessions(pb.ListSessionsRequest(user_id=student_id), metadata=zone_admin.metadata())
+    assert len(listed.sessions) == 2
+    assert not any(session.current for session in listed.sessions)  # neither is the admin's own
+    # A classmate may not look, nor an administrator of another zone.
+    classmate = await people.sign_in("univ", await people.add_user("univ", academy.id, "student"))
+    kzone_admin = await people.as_new_user("kzone", "kzone-public", "zone_admin")
+    for caller, code in ((classmate, grpc.StatusCode.PERMISSION_DENIED), (kzone_admin, grpc.StatusCode.NOT_FOUND)):
+        refused = await _fails(
+            people.auth.ListSessions(pb.ListSessionsRequest(user_id=student_id), metadata=caller.metadata())
+        )
+        assert refused.code() is code

@@ -419,13 +419,22 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     ) -> pb.ListSessionsResponse:
         person = require_principal()
         if request.user_id and request.user_id != person.user_id:
-            raise NotImplementedError("listing another user's sessions")
+            # An administrator's view of someone in their scope, as UpdateUser would let them act on them.
+            if not grants(person.permissions, "user:update"):
+                raise PermissionDenied(
+                    "your role does not grant user:update",
+                    reason=ErrorReason.ERROR_REASON_PERMISSION_MISSING,
+                    metadata={"permission": "user:update"},
+                )
+            target = await self._target_user(person, request.user_id)
+            user_id, scope = target["user_id"], TenantScope.org(target["zone_id"], target["org_id"])
+        else:
+            user_id, scope = person.user_id, _own_scope(person)
         limit = paging.page_size(request.page_size, MAX_PAGE)
-        query = ["sessions", person.user_id]
+        query = ["sessions", user_id]
         position = paging.decode(request.page_token, query)
         after = str(position[0]) if position else None
-        scope = TenantScope.org(person.zone_id, person.org_id)
-        rows = await self._store.sessions(scope, person.user_id, after, limit + 1)
+        rows = await self._store.sessions(scope, user_id, after, limit + 1)
         next_token = paging.encode([rows[limit - 1]["session_id"]], query) if len(rows) > limit else ""
         return pb.ListSessionsResponse(
             sessions=[_session_message(row, current=row["session_id"] == person.session_id) for row in rows[:limit]],
