@@ -18,18 +18,8 @@ from megacity.tenant.v1 import tenant_service_pb2 as tenant_pb
 from ops.embedded import EmbeddedRedis
 from services.runtime.errors import field_violations, status_from_error
 from tests.support.accounts import Caller, People
+from tests.support.calibration import ITEMS_CSV, N_ITEMS, N_PERSONS, seed_bank
 from tests.support.exams import exam_service
-from tests.test_exam_calibration_store import N_ITEMS, N_PERSONS, seed_bank
-
-ITEMS = "\n".join(
-    [
-        "external_id,content_area,item_type,stem,choices,answer,model,a,b,c,status",
-        *(
-            f"q{n},{('algebra', 'geometry')[n % 2]},single_choice,Question {n},A=right|B=wrong,A,2PL,1,0,0,active"
-            for n in range(N_ITEMS)
-        ),
-    ]
-)
 
 
 async def _teacher_of_new_org(people: People) -> tuple[str, Caller]:
@@ -55,7 +45,7 @@ async def test_a_teacher_calibrates_the_bank_and_activates_the_new_version(
     async with exam_service(people, identity_database, redis) as exam:
         org_id, teacher = await _teacher_of_new_org(people)
         imported = await exam.ImportItems(
-            pb.ImportItemsRequest(format=pb.IMPORT_FORMAT_CSV, content=ITEMS), metadata=teacher.metadata()
+            pb.ImportItemsRequest(format=pb.IMPORT_FORMAT_CSV, content=ITEMS_CSV), metadata=teacher.metadata()
         )
         assert imported.created_count == N_ITEMS
         await seed_bank(fresh_database, org_id, list(imported.item_ids))
