@@ -8,9 +8,14 @@ Typed (envoy-data-plane), never hand-written YAML. What it builds:
   catch-all that answers 404 for any other host;
 - one route per public RPC, matched on its gRPC path after transcoding, to its service's cluster, with the route's
   timeout (streaming RPCs: no overall timeout, an idle timeout instead);
-- one cluster per service, HTTP/2 over mTLS with the edge's own identity from the catalog's PKI, checking the
-  service's SPIFFE ID;
-- the security headers on every response, no server banner, request ids, JSON access logs on stdout.
+- one cluster per service, HTTP/2 with gRPC health checks. Under `Transport.MTLS` (locally) Envoy does mTLS itself
+  with the edge's identity from the catalog's PKI, checking the service's SPIFFE ID; under `Transport.LINKERD`
+  (Kubernetes) the cluster is plaintext HTTP/2 to the service's cluster DNS name and the pod's Linkerd proxy does
+  the mTLS, as ServiceAccount `edge`;
+- `l5d-*` headers stripped from every request and response, whatever the transport (see `_strip_linkerd_headers`);
+- the security headers on every response, no server banner, request ids, JSON access logs on stdout;
+- `GET /health` (every service behind the edge healthy) and `GET /readyz` (this Envoy accepts traffic: 503 only once
+  it is draining, i.e. after the admin's /healthcheck/fail), answered on any host.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation, HeaderMutationRemoveOnMatch
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
@@ -73,6 +79,8 @@ from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 impo
     GrpcJsonTranscoderPrintOptions,
     GrpcJsonTranscoderRequestValidationOptions,
 )
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import HeaderMutation as HeaderMutationFilter
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import Mutations
 from envoy_data_plane.envoy.extensions.filters.http.health_check.v3 import HealthCheck as HealthCheckFilter
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwtAuthentication,
@@ -113,6 +121,7 @@ from google.protobuf import descriptor_pool
 
 from gateway.ratelimit import DOMAIN as RATELIMIT_DOMAIN
 from services.runtime.catalog import Catalog
+from services.runtime.config import Transport
 from services.runtime.contracts import MethodInfo, service_methods
 
 ZONE_HEADER = "x-megacity-zone"
@@ -167,6 +176,9 @@ LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 408: 4, 409: 10, 413: 8, 4
 _INTERNAL = 13
 JSON_CONTENT_TYPE = "application/json"
 HEALTH_PATH = "/health"
+READY_PATH = "/readyz"
+# Headers of Linkerd's proxies (l5d-client-id, l5d-dst-override, l5d-proxy-error, ...): never from or to a client.
+LINKERD_HEADER_PREFIX = "l5d-"
 MAX_CLIENT_CONNECTIONS = 50_000
 OPENAPI_PATH = "/openapi.json"
 MAX_DOCUMENT_BYTES = 8 * _MB
@@ -208,6 +220,11 @@ class EdgeSettings:
     ratelimit_target: str | None
     # the OpenAPI document served at /openapi.json (gen/openapi/megacity.json)
     openapi_document: Path
+    # MTLS: Envoy does mTLS to the services itself (pki_dir); LINKERD: plaintext to the pod's Linkerd proxy
+    transport: Transport = Transport.MTLS
+    # proxies in front of the edge whose X-Forwarded-For entries are trusted for the client's address (rate limits,
+    # logs): 0 when clients connect to Envoy directly (a layer-4 load balancer that keeps their address)
+    xff_trusted_hops: int = 0
 
 
 @dataclass(frozen=True)
@@ -353,6 +370,40 @@ def _health_filter(services: list[str]) -> HttpFilter:
     return HttpFilter(name="envoy.filters.http.health_check", typed_config=_typed(config))
 
 
+def _ready_filter() -> HttpFilter:
+    """GET /readyz: 200 while this Envoy takes traffic, 503 once it drains (admin /healthcheck/fail), whatever the
+    services behind it do. Kubernetes' readiness probe: a service being down must not take every edge replica out
+    of its load balancer at once (the edge still answers that service's routes with 503, and all the others)."""
+    config = HealthCheckFilter(
+        pass_through_mode=False,
+        headers=[HeaderMatcher(name=":path", string_match=StringMatcher(exact=READY_PATH))],
+    )
+    return HttpFilter(name="envoy.filters.http.health_check.ready", typed_config=_typed(config))
+
+
+def _strip_linkerd_headers() -> HttpFilter:
+    """Drop every `l5d-*` header a client sends, and every one a response carries back.
+
+    Behind Linkerd the services believe `l5d-client-id` about who calls them (services/runtime/identity.py).
+    Linkerd's inbound proxy already overwrites that header with the mTLS peer's identity, or removes it when the
+    connection is not mTLS (linkerd2-proxy, linkerd/app/inbound/src/http/set_identity_header.rs: `insert` when the
+    TLS session has a client id, otherwise `remove`), so a forged value does not reach a meshed service. Stripping
+    it here as well is defence in depth: it keeps holding if a service is ever reached around its proxy (a skipped
+    port, a pod without injection), and other `l5d-*` request headers steer Linkerd's outbound proxy
+    (`l5d-dst-override` picks the destination of a proxy injected in ingress mode; the edge's runs in the default
+    mode, which routes by the connection's original destination, until someone changes that). On responses, the
+    proxies' own headers (`l5d-proxy-error`, ...) describe the mesh to nobody outside it. Locally (mTLS) the same
+    filter runs: one configuration, and nothing a client sends can mean anything to a later Linkerd deployment.
+    """
+    remove = HeaderMutation(
+        remove_on_match=HeaderMutationRemoveOnMatch(
+            key_matcher=StringMatcher(prefix=LINKERD_HEADER_PREFIX, ignore_case=True)
+        )
+    )
+    config = HeaderMutationFilter(mutations=Mutations(request_mutations=[remove], response_mutations=[remove]))
+    return HttpFilter(name="envoy.filters.http.header_mutation", typed_config=_typed(config))
+
+
 def _jwt_authentication(settings: EdgeSettings) -> JwtAuthentication:
     """Access tokens checked against the auth service's JWKS, fetched through the edge itself (the dev host)."""
     return JwtAuthentication(
@@ -459,7 +510,8 @@ def _virtual_host(
     )
 
 
-def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -> Cluster:
+def _upstream_tls(name: str, settings: EdgeSettings, catalog: Catalog) -> TransportSocket:
+    """mTLS as the edge's own identity (the dev PKI), accepting only the service's SPIFFE ID."""
     tls = UpstreamTlsContext(
         sni=f"{name}.{catalog.trust_domain}",
         common_tls_context=CommonTlsContext(
@@ -481,11 +533,25 @@ def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -
             alpn_protocols=["h2"],
         ),
     )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=_typed(tls))
+
+
+def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -> Cluster:
+    """A service's cluster: HTTP/2 to `target` (host:port), health-checked over gRPC.
+
+    Under LINKERD, `target` is the service's cluster DNS name (target_of with MEGACITY_SERVICE_HOST_TEMPLATE, as
+    services reach each other): it resolves to the Service's ClusterIP, the pod's Linkerd proxy takes the
+    connection, balances its requests over the service's endpoints and does the mTLS as ServiceAccount `edge`,
+    which the service's AuthorizationPolicies admit per method. So no TLS here: Envoy speaks plaintext HTTP/2 to the
+    proxy on its own host.
+    """
+    linkerd = settings.transport is Transport.LINKERD
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=timedelta(seconds=2),
-        # gRPC health over the same mTLS, as the edge (the catalog lets it): what /health reports.
+        # gRPC health as the edge (the catalog lets it call grpc.health.v1.Health/*), over the same transport as
+        # its calls: what /health reports.
         health_checks=[
             HealthCheck(
                 timeout=timedelta(seconds=1),
@@ -497,7 +563,7 @@ def _cluster(name: str, target: str, settings: EdgeSettings, catalog: Catalog) -
         ],
         load_assignment=_one_endpoint(name, *_host_port(target)),
         typed_extension_protocol_options=_HTTP2,
-        transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=_typed(tls)),
+        transport_socket=None if linkerd else _upstream_tls(name, settings, catalog),
     )
 
 
@@ -557,6 +623,8 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             ),
         ),
         http_filters=[
+            _strip_linkerd_headers(),
+            _ready_filter(),
             _health_filter(sorted({route.service for route in routes})),
             HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_typed(transcoder)),
             # After the transcoder: routes match gRPC paths, so each RPC's CORS policy and token requirement are found.
@@ -573,8 +641,10 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
         server_header_transformation=HttpConnectionManagerServerHeaderTransformation.PASS_THROUGH,
         generate_request_id=True,
         preserve_external_request_id=True,
-        # The client's address (rate limits, logs) is the peer's; behind a load balancer, trust its hops here.
+        # The client's address (rate limits, logs) is the peer's, or, behind `xff_trusted_hops` proxies that append
+        # to X-Forwarded-For, the entry the outermost trusted one added.
         use_remote_address=True,
+        xff_num_trusted_hops=settings.xff_trusted_hops,
         local_reply_config=_local_replies(),
         always_set_request_id_in_response=True,
         access_log=[

