@@ -43,8 +43,8 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def env_number(name: str, default: float) -> float:
-    """A non-negative number from the environment; unset or empty gives the default."""
+def env_number(name: str, default: float, *, minimum: float = 0.0) -> float:
+    """A number of at least `minimum` from the environment; unset or empty gives the default."""
     raw = os.environ.get(name, "")
     if not raw:
         return default
@@ -52,9 +52,18 @@ def env_number(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ConfigError(f"{name}={raw!r} must not be negative")
+    if value < minimum:
+        bound = "not be negative" if minimum == 0 else f"be at least {minimum:g}"
+        raise ConfigError(f"{name}={raw!r} must {bound}")
     return value
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    """An integer of at least `minimum` from the environment; unset or empty gives the default."""
+    value = env_number(name, default, minimum=minimum)
+    if not float(value).is_integer():
+        raise ConfigError(f"{name}={os.environ[name]!r} is not an integer")
+    return int(value)
 
 
 def _int(name: str, default: int) -> int:
