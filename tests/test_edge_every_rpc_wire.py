@@ -11,6 +11,8 @@ they must be the whole document, so a newly built or newly added RPC fails here 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,16 +22,21 @@ from typing import Any
 
 import pytest
 
+from megacity.kzone.v1 import resources_pb2 as kzone_resources
 from services.auth import mfa
+from services.kzone.store import KZoneStore, Owner
+from services.runtime.database import create_pool
 from services.runtime.server import Service
 from tests.support.accounts import PASSWORD, People
 from tests.support.calibration import ITEMS_CSV as CALIBRATION_ITEMS
 from tests.support.calibration import N_ITEMS, N_PERSONS, seed_bank
-from tests.support.edge import running_edge
+from tests.support.edge import KZONE, running_edge
 from tests.support.edge_scenario import Scenario, operations, operations_of, reason_of
 from tests.support.exams import ITEMS
 
 BUILT = ("AuthService", "TenantService", "ExamService")
+# Services some of whose RPCs are built: their operations not in NOT_BUILT_YET have a story.
+PARTLY_BUILT = ("KZoneService",)
 
 # Public RPCs of services not built yet: they answer UNIMPLEMENTED (HTTP 501). Building one means moving its
 # operations out of here and into a story above.
@@ -45,17 +52,7 @@ NOT_BUILT_YET = frozenset(
         "JobsService_SubmitJob",
         "JobsService_WatchJob",
         "KZoneService_AnalyzeVoiceFile",
-        "KZoneService_CreateReferenceContent",
-        "KZoneService_DeleteAnalysisResult",
-        "KZoneService_DeleteReferenceContent",
         "KZoneService_DetectDancePose",
-        "KZoneService_GetAnalysisResult",
-        "KZoneService_GetReferenceContent",
-        "KZoneService_GetReferenceFeatures",
-        "KZoneService_ListAnalysisResults",
-        "KZoneService_ListReferenceContents",
-        "KZoneService_UpdateReferenceContent",
-        "KZoneService_UploadReferenceMedia",
         "TutorService_AskTutor",
         "TutorService_CancelTutoringSession",
         "TutorService_CompleteTutoringSession",
@@ -79,6 +76,14 @@ NOT_BUILT_YET = frozenset(
         "TutorService_UpdateTutoringSession",
     }
 )
+
+
+@pytest.fixture(autouse=True)
+def media_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The kzone service's media store, private to the test (set before any service starts)."""
+    directory = tmp_path / "media"
+    monkeypatch.setenv("MEGACITY_MEDIA_DIR", str(directory))
+    return directory
 
 
 @pytest.fixture
@@ -106,8 +111,9 @@ def _email(prefix: str) -> str:
 
 
 def _assert_complete(scenario: Scenario, service: str) -> None:
-    """Every operation of the service in the OpenAPI document succeeded in its story."""
-    assert sorted(operations_of(service) - scenario.succeeded) == [], f"{service} operations without a success case"
+    """Every operation of the service in the OpenAPI document (but those not built yet) succeeded in its story."""
+    missing = operations_of(service) - NOT_BUILT_YET - scenario.succeeded
+    assert sorted(missing) == [], f"{service} operations without a success case"
 
 
 # --- auth ------------------------------------------------------------------------------------------------------
@@ -679,6 +685,170 @@ async def test_every_exam_rpc_succeeds_through_the_edge(
     _assert_complete(api, "ExamService")
 
 
+# --- kzone -----------------------------------------------------------------------------------------------------
+
+
+async def _upload(api: Scenario, token: str, content_id: str, content_type: str, data: bytes) -> dict[str, Any]:
+    """UploadReferenceMedia as clients send it: the raw file as the body with its Content-Type (an HttpBody),
+    which the JSON-only Scenario does not send."""
+    operation = operations()["KZoneService_UploadReferenceMedia"]
+    path = operation.template.replace("{content_id}", content_id)
+    headers = {"Host": KZONE, "Content-Type": content_type, "Authorization": f"Bearer {token}"}
+
+    def send() -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", api.edge.port, timeout=10)
+        try:
+            connection.request(operation.method, path, body=data, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    status, raw = await asyncio.to_thread(send)
+    assert status == 200, f"KZoneService_UploadReferenceMedia: HTTP {status} {raw[:300]!r}"
+    api.succeeded.add(operation.operation_id)
+    body: dict[str, Any] = json.loads(raw)
+    return body
+
+
+async def test_every_built_kzone_rpc_succeeds_through_the_edge(
+    people: People, mesh_edge: Scenario, identity_database: dict[str, str], media_dir: Path
+) -> None:
+    api = mesh_edge
+    zone_admin = await people.as_new_user("kzone", "kzone-public", "zone_admin")
+    org_id = (
+        await api.ok(
+            "TenantService_CreateOrganization",
+            token=zone_admin.token,
+            host=KZONE,
+            body={"organization": {"name": _unique("Studio")}},
+        )
+    )["organization"]["id"]
+    teacher = await people.as_new_user("kzone", org_id, "teacher")
+    learner = await people.as_new_user("kzone", org_id, "student")
+
+    # A teacher creates a song, uploads its audio as the raw body, reads, finds and changes it.
+    created = (
+        await api.ok(
+            "KZoneService_CreateReferenceContent",
+            token=teacher.token,
+            host=KZONE,
+            body={
+                "content": {
+                    "kind": "REFERENCE_KIND_SONG",
+                    "title": "Arirang",
+                    "artist": "Folk",
+                    "language": "ko",
+                    "lyrics": "아리랑 아리랑",
+                    "tempo_bpm": 92,
+                    "first_downbeat_offset": "0.500s",
+                }
+            },
+        )
+    )["content"]
+    assert (created["status"], created["org_id"], created["creator_id"]) == (
+        "REFERENCE_STATUS_AWAITING_MEDIA",
+        org_id,
+        teacher.user_id,
+    )
+    assert created["first_downbeat_offset"] == "0.500s"
+    content_id = created["id"]
+    audio = b"RIFF" + bytes(range(256)) * 8
+    uploaded = (await _upload(api, teacher.token, content_id, "audio/wav", audio))["content"]
+    assert (uploaded["status"], uploaded["media_content_type"]) == ("REFERENCE_STATUS_PROCESSING", "audio/wav")
+    assert uploaded["processing_job_id"]
+    assert (media_dir / uploaded["media_uri"]).read_bytes() == audio
+    fetched = await api.ok(
+        "KZoneService_GetReferenceContent", token=teacher.token, host=KZONE, path={"content_id": content_id}
+    )
+    assert fetched["content"]["media_uri"] == uploaded["media_uri"]
+    listed = await api.ok(
+        "KZoneService_ListReferenceContents",
+        token=teacher.token,
+        host=KZONE,
+        query={
+            "kind": "REFERENCE_KIND_SONG",
+            "status": "REFERENCE_STATUS_PROCESSING",
+            "query": "ari",
+            "language": "ko",
+            "page_size": 10,
+        },
+    )
+    assert [content["id"] for content in listed["contents"]] == [content_id]
+    changed = await api.ok(
+        "KZoneService_UpdateReferenceContent",
+        token=teacher.token,
+        host=KZONE,
+        path={"content_id": content_id},
+        body={"content": {"title": "Arirang (slow)", "is_public": True}, "update_mask": "title,is_public"},
+    )
+    assert (changed["content"]["title"], changed["content"]["is_public"]) == ("Arirang (slow)", True)
+    not_ready = await api.call(
+        "KZoneService_GetReferenceFeatures", token=teacher.token, host=KZONE, path={"content_id": content_id}
+    )
+    assert (not_ready.status, reason_of(not_ready)) == (400, "REFERENCE_NOT_READY"), not_ready.body
+
+    # The extraction worker's part (the next step), done here through the store as the worker will do it.
+    pool = await create_pool(identity_database["kzone"], schema="kzone", max_size=1)
+    try:
+        store = KZoneStore(pool)
+        features = kzone_resources.ReferenceFeatures(pitch=kzone_resources.PitchTrack(frequency_hz=[220.0, 246.9]))
+        assert await store.finish_processing(
+            content_id, features, job_id=uploaded["processing_job_id"], duration_seconds=4.5, tempo_bpm=91.0
+        )
+        result = await store.add_result(
+            Owner(zone_id="kzone", org_id=org_id, user_id=learner.user_id),
+            kzone_resources.VoiceReport(
+                target_text="아리랑 아리랑", scores=kzone_resources.VoiceScores(overall=77.0, pronunciation=80.0)
+            ),
+            source="live",
+            reference_id=content_id,
+        )
+    finally:
+        await pool.close()
+    drawn = await api.ok(
+        "KZoneService_GetReferenceFeatures", token=learner.token, host=KZONE, path={"content_id": content_id}
+    )
+    assert (drawn["features"]["content_id"], drawn["features"]["pitch"]["frequency_hz"]) == (content_id, [220.0, 246.9])
+
+    # The learner's stored result: listed, read and deleted.
+    mine = await api.ok(
+        "KZoneService_ListAnalysisResults",
+        token=learner.token,
+        host=KZONE,
+        query={"kind": "ANALYSIS_KIND_VOICE", "reference_id": content_id, "page_size": 5},
+    )
+    assert [listed_result["id"] for listed_result in mine["results"]] == [result.id]
+    read = await api.ok(
+        "KZoneService_GetAnalysisResult", token=teacher.token, host=KZONE, path={"result_id": result.id}
+    )
+    assert (read["result"]["user_id"], read["result"]["voice"]["scores"]["overall"]) == (learner.user_id, 77.0)
+    assert (
+        await api.ok(
+            "KZoneService_DeleteAnalysisResult", token=learner.token, host=KZONE, path={"result_id": result.id}
+        )
+        == {}
+    )
+    gone = await api.call(
+        "KZoneService_GetAnalysisResult", token=learner.token, host=KZONE, path={"result_id": result.id}
+    )
+    assert gone.status == 404
+
+    # The reference goes, with its media.
+    deleted = await api.ok(
+        "KZoneService_DeleteReferenceContent", token=teacher.token, host=KZONE, path={"content_id": content_id}
+    )
+    assert deleted == {}
+    assert not (media_dir / uploaded["media_uri"]).exists()
+    assert (
+        await api.call(
+            "KZoneService_GetReferenceContent", token=teacher.token, host=KZONE, path={"content_id": content_id}
+        )
+    ).status == 404
+
+    _assert_complete(api, "KZoneService")
+
+
 # --- the rest --------------------------------------------------------------------------------------------------
 
 
@@ -688,6 +858,7 @@ async def test_the_rpcs_not_built_yet_answer_501_and_every_other_has_a_story(
     """The built services' stories and NOT_BUILT_YET are the whole OpenAPI document; each one not built yet is
     reached through the edge and answers UNIMPLEMENTED, even for a super admin (no permission stops it first)."""
     built = {operation_id for service in BUILT for operation_id in operations_of(service)}
+    built |= {operation_id for service in PARTLY_BUILT for operation_id in operations_of(service)} - NOT_BUILT_YET
     assert NOT_BUILT_YET | built == set(operations()), "an operation of a service without a story above"
     assert not NOT_BUILT_YET & built
     root = await people.as_new_user("univ", "univ-public", "super_admin")

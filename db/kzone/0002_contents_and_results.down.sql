@@ -1,0 +1,2 @@
+DROP TABLE kzone_ai_results;
+DROP TABLE kzone_contents;
