@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from megacity.asr.v1 import asr_service_pb2 as pb
 from megacity.asr.v1 import asr_service_pb2_grpc
@@ -22,9 +21,18 @@ from megacity.asr.v1 import resources_pb2 as res
 from services.inference.asr import server as asr_server
 from services.inference.asr.engine import AsrSettings, WhisperEngine
 from services.runtime.catalog import load_catalog
-from services.runtime.errors import error_info, field_violations, status_from_error
 from services.runtime.server import Service
-from tests.support.inference import CHUNK_BYTES, chunks, joined, silence, speak, word_accuracy
+from tests.support.inference import (
+    CHUNK_BYTES,
+    chunks,
+    error_of,
+    joined,
+    serving,
+    silence,
+    speak,
+    until_serving,
+    word_accuracy,
+)
 from tests.support.mesh import channel_as, make_config, running
 
 pytestmark = pytest.mark.slow
@@ -101,12 +109,6 @@ async def _config_then_wait(config: res.RecognitionConfig = CONFIG) -> AsyncIter
     grpc's asyncio client is writing, it reports a server's early status as INTERNAL (grpc/grpc#36066)."""
     yield pb.TranscribeRequest(config=config)
     await asyncio.sleep(10)
-
-
-def _error(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
-    status = status_from_error(error)
-    info = error_info(status)
-    return error.code(), info.reason if info else "", field_violations(status)
 
 
 async def test_streamed_speech_gives_partials_then_accurate_final_segments(
@@ -234,7 +236,7 @@ async def test_streams_past_the_limit_are_refused(pki_dir: Path, speech: bytes) 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             async for _ in stub.Transcribe(_config_then_wait(), timeout=10):
                 pass
-        code, reason, _ = _error(refused.value)
+        code, reason, _ = error_of(refused.value)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert reason == "CAPACITY_EXCEEDED"
         assert "2" in (refused.value.details() or "")
@@ -299,7 +301,7 @@ async def test_bad_stream_input_is_invalid_argument(
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             async for _ in stub.Transcribe(requests(), timeout=10):
                 pass
-        code, got_reason, violations = _error(failure.value)
+        code, got_reason, violations = error_of(failure.value)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert got_reason == reason
         assert field in [name for name, _ in violations], violations
@@ -311,7 +313,7 @@ async def test_bad_clip_input_is_invalid_argument(asr: Service, pki_dir: Path) -
         stub = asr_service_pb2_grpc.AsrServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await stub.TranscribeAudio(pb.TranscribeAudioRequest(audio=b"\x00" * 3), timeout=10)
-        code, _, violations = _error(failure.value)
+        code, _, violations = error_of(failure.value)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert {name for name, _ in violations} == {"config", "audio"}
 
@@ -326,7 +328,7 @@ async def test_a_language_the_english_model_lacks_is_refused(asr: Service, pki_d
             async for _ in stub.Transcribe(_config_then_wait(korean), timeout=10):
                 pass
     for failure in (clip.value, stream.value):
-        code, reason, _ = _error(failure)
+        code, reason, _ = error_of(failure)
         assert code == grpc.StatusCode.FAILED_PRECONDITION
         assert reason == "LANGUAGE_NOT_SUPPORTED"
         assert "English-only" in (failure.details() or "")
@@ -344,7 +346,7 @@ async def test_an_idle_stream_times_out(asr: Service, pki_dir: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             async for _ in stub.Transcribe(requests(), timeout=20):
                 pass
-        code, reason, _ = _error(failure.value)
+        code, reason, _ = error_of(failure.value)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert reason == "STREAM_IDLE"
         assert time.monotonic() - started < 8
@@ -372,20 +374,15 @@ async def test_health_is_not_serving_until_the_model_is_loaded(pki_dir: Path, sh
             channel_as("ops", service, pki_dir) as ops,
             channel_as("kzone", service, pki_dir) as kzone,
         ):
-            health = health_pb2_grpc.HealthStub(ops)
-            check = health_pb2.HealthCheckRequest(service="megacity.asr.v1.AsrService")
-            assert (await health.Check(check, timeout=5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not await serving(ops, "megacity.asr.v1.AsrService")
             stub = asr_service_pb2_grpc.AsrServiceStub(kzone)
             with pytest.raises(grpc.aio.AioRpcError) as early:
                 await stub.TranscribeAudio(pb.TranscribeAudioRequest(config=CONFIG, audio=short_speech), timeout=5)
-            code, reason, _ = _error(early.value)
+            code, reason, _ = error_of(early.value)
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY")
             assert not (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)).model.ready
             gate.set()
-            deadline = time.monotonic() + 10
-            while (await health.Check(check, timeout=5)).status != health_pb2.HealthCheckResponse.SERVING:
-                assert time.monotonic() < deadline, "never SERVING after the model loaded"
-                await asyncio.sleep(0.05)
+            await until_serving(ops, "megacity.asr.v1.AsrService")
             clip = pb.TranscribeAudioRequest(config=CONFIG, audio=short_speech)
             reply = await stub.TranscribeAudio(clip, timeout=30)
             assert word_accuracy(SHORT, joined([s.text for s in reply.segments])) >= 0.8
@@ -401,5 +398,4 @@ async def test_a_model_that_fails_to_load_keeps_health_not_serving(pki_dir: Path
         channel_as("ops", service, pki_dir) as ops,
     ):
         await asyncio.sleep(0.5)
-        reply = await health_pb2_grpc.HealthStub(ops).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not await serving(ops)

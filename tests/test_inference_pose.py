@@ -16,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from megacity.pose.v1 import pose_service_pb2 as pb
@@ -25,9 +24,8 @@ from megacity.pose.v1 import resources_pb2 as res
 from services.inference.pose import server as pose_server
 from services.inference.pose.engine import PoseModel, PoseSettings
 from services.runtime.catalog import load_catalog
-from services.runtime.errors import error_info, field_violations, status_from_error
 from services.runtime.server import Service
-from tests.support.inference import noise_image, person_photo
+from tests.support.inference import error_of, noise_image, person_photo, serving, until_serving
 from tests.support.mesh import channel_as, make_config, running
 
 pytestmark = pytest.mark.slow
@@ -104,12 +102,6 @@ def _assert_person(poses: Sequence[res.Pose]) -> None:
     # The hips are below the nose (y grows downwards), whether or not they are in the frame.
     assert landmarks[LEFT_HIP].y > nose.y
     assert landmarks[RIGHT_HIP].y > nose.y
-
-
-def _error(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
-    status = status_from_error(error)
-    info = error_info(status)
-    return error.code(), info.reason if info else "", field_violations(status)
 
 
 def _stream(*requests: pb.DetectPoseRequest, linger: float = 0.0) -> AsyncIterator[pb.DetectPoseRequest]:
@@ -216,7 +208,7 @@ async def test_streams_past_the_limit_are_refused(pose: Service, pki_dir: Path) 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             async for _ in stub.DetectPose(_stream(config, linger=10), timeout=10):
                 pass
-        code, reason, _ = _error(refused.value)
+        code, reason, _ = error_of(refused.value)
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXCEEDED")
         for call in held:
             call.cancel()
@@ -286,7 +278,7 @@ async def test_bad_stream_input_is_invalid_argument(
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             async for _ in stub.DetectPose(_stream(*requests, linger=5), timeout=20):
                 pass
-        code, got_reason, violations = _error(failure.value)
+        code, got_reason, violations = error_of(failure.value)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert got_reason == reason
         assert field in [name for name, _ in violations], violations
@@ -319,7 +311,7 @@ async def test_bad_images_are_invalid_argument(
     async with channel_as("jobs", pose, pki_dir) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await pose_service_pb2_grpc.PoseServiceStub(channel).DetectImagePose(request, timeout=10)
-    code, got_reason, violations = _error(failure.value)
+    code, got_reason, violations = error_of(failure.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert got_reason == reason
     assert field in [name for name, _ in violations], violations
@@ -335,7 +327,7 @@ async def test_an_idle_stream_times_out(pose: Service, pki_dir: Path, photo: byt
         assert len(first.poses) == 1
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call.read()
-        code, reason, _ = _error(failure.value)
+        code, reason, _ = error_of(failure.value)
         assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "STREAM_IDLE")
         await _until_idle(stub)
 
@@ -363,20 +355,15 @@ async def test_health_is_not_serving_until_the_model_is_loaded(pki_dir: Path, ph
             channel_as("ops", service, pki_dir) as ops,
             channel_as("kzone", service, pki_dir) as kzone,
         ):
-            health = health_pb2_grpc.HealthStub(ops)
-            check = health_pb2.HealthCheckRequest(service="megacity.pose.v1.PoseService")
-            assert (await health.Check(check, timeout=5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not await serving(ops, "megacity.pose.v1.PoseService")
             stub = pose_service_pb2_grpc.PoseServiceStub(kzone)
             request = pb.DetectImagePoseRequest(image=_jpeg(photo, 0))
             with pytest.raises(grpc.aio.AioRpcError) as early:
                 await stub.DetectImagePose(request, timeout=5)
-            code, reason, _ = _error(early.value)
+            code, reason, _ = error_of(early.value)
             assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY")
             gate.set()
-            deadline = time.monotonic() + 10
-            while (await health.Check(check, timeout=5)).status != health_pb2.HealthCheckResponse.SERVING:
-                assert time.monotonic() < deadline, "never SERVING after the model loaded"
-                await asyncio.sleep(0.05)
+            await until_serving(ops, "megacity.pose.v1.PoseService")
             _assert_person((await stub.DetectImagePose(request, timeout=30)).poses)
     finally:
         gate.set()
@@ -390,5 +377,4 @@ async def test_a_missing_model_keeps_health_not_serving(pki_dir: Path, tmp_path:
         channel_as("ops", service, pki_dir) as ops,
     ):
         await asyncio.sleep(0.3)
-        reply = await health_pb2_grpc.HealthStub(ops).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not await serving(ops)

@@ -3,14 +3,21 @@ photo of a person (matplotlib's grace_hopper.jpg), and word accuracy."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.errors import error_info, field_violations, status_from_error
+from services.runtime.health import SERVING
 
 SAMPLE_RATE = 16_000
 # 100 ms of PCM16 mono 16 kHz.
@@ -75,3 +82,23 @@ def joined(texts: Sequence[str]) -> str:
 def noise_image(width: int = 320, height: int = 240, seed: int = 0) -> bytes:
     """Raw RGB24 noise: nobody in it."""
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8).tobytes()
+
+
+def error_of(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """A refused call's code, ErrorInfo reason and field violations."""
+    status = status_from_error(error)
+    info = error_info(status)
+    return error.code(), info.reason if info else "", field_violations(status)
+
+
+async def serving(channel: grpc.aio.Channel, service: str = "") -> bool:
+    """Whether gRPC health says SERVING for `service` (the whole server when empty)."""
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return bool(reply.status == SERVING)
+
+
+async def until_serving(channel: grpc.aio.Channel, service: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await serving(channel, service):
+        assert time.monotonic() < deadline, f"{service} never SERVING"
+        await asyncio.sleep(0.05)
