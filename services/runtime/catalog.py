@@ -17,6 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CATALOG = REPO / "mesh" / "catalog.yaml"
 DEPENDENCY_KINDS = frozenset({"postgres", "redis", "model"})
+# The largest gRPC message a service takes or sends unless its entry says `max_message_mib`.
+DEFAULT_MAX_MESSAGE_MIB = 64
 PUBLIC_SELECTOR = "@public"
 
 
@@ -42,6 +44,7 @@ class ServiceEntry:
     metrics_port: int
     depends_on: tuple[str, ...]
     allow: tuple[AllowRule, ...]
+    max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,10 @@ def parse_catalog(raw: Any, source: str = "catalog") -> Catalog:
             metrics_port=_require(spec, "metrics_port", int, where),
             depends_on=depends_on,
             allow=common + _rules(spec.get("allow"), where),
+            max_message_mib=spec.get("max_message_mib", DEFAULT_MAX_MESSAGE_MIB),
         )
+        if not isinstance(entry.max_message_mib, int) or not 1 <= entry.max_message_mib <= 2047:
+            raise CatalogError(f"{where}: `max_message_mib` must be an integer from 1 to 2047 (gRPC's int32 bound)")
         for port in (entry.port, entry.metrics_port):
             if port in used_ports:
                 raise CatalogError(f"{where}: port {port} is already used by {used_ports[port]}")

@@ -49,14 +49,16 @@ from services.runtime.telemetry import (
 
 _log = structlog.get_logger("megacity.server")
 
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-)
+
+def server_options(max_message_mib: int) -> tuple[tuple[str, int], ...]:
+    return (
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_receive_message_length", max_message_mib * 1024 * 1024),
+        ("grpc.max_send_message_length", max_message_mib * 1024 * 1024),
+    )
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class Service:
         authenticator = Authenticator(deps.jwks_source or remote_jwks(channels), deps.redis) if access else None
         # With exported spans, OpenTelemetry's own server interceptor makes each call's span (see ServerSpans).
         tracing: list[Any] = [aio_server_interceptor()] if spans_exported() else []  # type: ignore[no-untyped-call]
-        server = grpc.aio.server(interceptors=tracing, options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=tracing, options=server_options(config.entry.max_message_mib))
         interceptor = RuntimeInterceptor(
             policy, identifier(config.catalog, config.transport), metrics, access, authenticator, deps.audit
         )
