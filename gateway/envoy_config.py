@@ -176,6 +176,7 @@ LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 408: 4, 409: 10, 413: 8, 4
 _INTERNAL = 13
 JSON_CONTENT_TYPE = "application/json"
 HEALTH_PATH = "/health"
+GRPC = "application/grpc"
 READY_PATH = "/readyz"
 # Headers of Linkerd's proxies (l5d-client-id, l5d-dst-override, l5d-proxy-error, ...): never from or to a client.
 LINKERD_HEADER_PREFIX = "l5d-"
@@ -234,7 +235,8 @@ class PublicRoute:
 
 
 def public_routes(catalog: Catalog, pool: descriptor_pool.DescriptorPool) -> list[PublicRoute]:
-    """Every RPC with an HTTP rule, with the service that serves it, in catalog order."""
+    """Every RPC people call through the edge (REST/JSON, or gRPC for the live streams), with the service that
+    serves it, in catalog order."""
     found = []
     for entry in catalog.services.values():
         for grpc_service in entry.grpc_services:
@@ -312,9 +314,13 @@ def _route(route: PublicRoute) -> Route:
     jwt = PerRouteConfig(disabled=True) if anonymous else PerRouteConfig(requirement_name="person")
     # The JWKS is what the edge itself fetches, through its own listener, to check tokens: never limited.
     action.rate_limits = [] if route.method.path == JWKS_RPC else [_rate_limit(route.method)]
+    # An RPC without an HTTP rule is reachable as gRPC only (a JSON request there finds no route: 404).
+    grpc_only = (
+        [] if route.method.rest else [HeaderMatcher(name="content-type", string_match=StringMatcher(prefix=GRPC))]
+    )
     return Route(
         name=route.method.path,
-        match=RouteMatch(path=route.method.path),
+        match=RouteMatch(path=route.method.path, headers=grpc_only),
         route=action,
         typed_per_filter_config={JWT_FILTER: _typed(jwt), BUFFER_FILTER: _typed(_body_limit(limits, streaming))},
     )
@@ -611,6 +617,8 @@ def compile_bootstrap(settings: EdgeSettings, catalog: Catalog, pool: descriptor
             reject_unknown_method=False, reject_unknown_query_parameters=True
         ),
         convert_grpc_status=True,
+        # `+` in a query string is a space, as browsers' forms and URLSearchParams write it.
+        query_param_unescape_plus=True,
     )
     manager = HttpConnectionManager(
         stat_prefix="edge",

@@ -169,6 +169,8 @@ def document(catalog: Catalog, pool: descriptor_pool.DescriptorPool) -> dict[str
     schemas = _Schemas()
     paths: dict[str, dict[str, Any]] = {}
     for route in public_routes(catalog, pool):
+        if not route.method.rest:
+            continue  # gRPC only (live streams): not part of the REST surface
         method = pool.FindMethodByName(f"{route.method.service}.{route.method.name}")
         anonymous = route.method.access is not None and route.method.access.anonymous
         path, verb, operation = _operation(schemas, method, anonymous)

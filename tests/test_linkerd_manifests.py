@@ -106,12 +106,13 @@ Doc = dict[str, Any]
 
 
 def compile_fixture_descriptor_set(target: Path) -> Path:
-    """The current descriptor set plus the fixture contract (it has HTTP rules), as one FileDescriptorSet."""
+    """The current descriptor set plus the fixture contract (its public RPCs), as one FileDescriptorSet."""
     import grpc_tools  # type: ignore[import-untyped]
 
     fixture = target.with_suffix(".fixture.binpb")
     includes = [
         FIXTURES / "proto",
+        REPO / "proto",
         REPO / "third_party" / "googleapis",
         Path(grpc_tools.__file__).parent / "_proto",
     ]

@@ -37,9 +37,14 @@ class MethodInfo:
     name: str
     client_streaming: bool
     server_streaming: bool
-    public: bool
+    rest: bool  # has a google.api.http rule: the edge transcodes REST/JSON to it
     idempotent: bool
-    access: MethodAccess | None  # declared on public methods only
+    access: MethodAccess | None  # declared on the methods people call through the edge, and only there
+
+    @property
+    def public(self) -> bool:
+        """People call it through the edge: REST/JSON when `rest`, otherwise gRPC passed through (live streams)."""
+        return self.access is not None
 
     @property
     def path(self) -> str:
@@ -78,7 +83,7 @@ def _method_info(method: descriptor.MethodDescriptor) -> MethodInfo:
         name=method.name,
         client_streaming=method.client_streaming,
         server_streaming=method.server_streaming,
-        public=any(field.full_name == HTTP_RULE for field, _ in options.ListFields()),
+        rest=any(field.full_name == HTTP_RULE for field, _ in options.ListFields()),
         idempotent=level in (descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS, descriptor_pb2.MethodOptions.IDEMPOTENT),
         access=access,
     )

@@ -57,4 +57,7 @@ Global___Access: _TypeAlias = Access  # noqa: Y015
 
 ACCESS_FIELD_NUMBER: _builtins.int
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access]
-"""Declared on every RPC with a google.api.http rule, and only there."""
+"""Declared on every RPC people call through the edge, and only there: each RPC with a google.api.http rule
+(REST/JSON), and the live streams the edge passes through as gRPC (no HTTP rule: browsers and apps speak
+gRPC to them).
+"""

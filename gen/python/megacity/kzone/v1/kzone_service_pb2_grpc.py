@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class KZoneServiceStub:
     """Voice and dance analysis, reference content and stored results.
-    --- Live analysis (bidirectional streams; gRPC only) ----------------------------------------------------
+    --- Live analysis (bidirectional streams; gRPC only, through the edge as gRPC) --------------------------
     """
 
     def __init__(self, channel):
@@ -110,7 +110,7 @@ class KZoneServiceStub:
 
 class KZoneServiceServicer:
     """Voice and dance analysis, reference content and stored results.
-    --- Live analysis (bidirectional streams; gRPC only) ----------------------------------------------------
+    --- Live analysis (bidirectional streams; gRPC only, through the edge as gRPC) --------------------------
     """
 
     def AnalyzeVoice(self, request_iterator, context):
@@ -310,7 +310,7 @@ def add_KZoneServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KZoneService:
     """Voice and dance analysis, reference content and stored results.
-    --- Live analysis (bidirectional streams; gRPC only) ----------------------------------------------------
+    --- Live analysis (bidirectional streams; gRPC only, through the edge as gRPC) --------------------------
     """
 
     @staticmethod

@@ -21,7 +21,7 @@ GRPC_VERSION: str
 
 class KZoneServiceStub:
     """Voice and dance analysis, reference content and stored results.
-    --- Live analysis (bidirectional streams; gRPC only) ----------------------------------------------------
+    --- Live analysis (bidirectional streams; gRPC only, through the edge as gRPC) --------------------------
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -80,7 +80,7 @@ class KZoneServiceStub:
 
 class KZoneServiceServicer:
     """Voice and dance analysis, reference content and stored results.
-    --- Live analysis (bidirectional streams; gRPC only) ----------------------------------------------------
+    --- Live analysis (bidirectional streams; gRPC only, through the edge as gRPC) --------------------------
     """
 
     def AnalyzeVoice(
