@@ -10,11 +10,14 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from openapi_spec_validator import validate
 
 from gateway.edge import OPENAPI_DOCUMENT
 from gateway.envoy_config import SECURITY_HEADERS
+from megacity.kzone.v1 import kzone_service_pb2, kzone_service_pb2_grpc
+from services.runtime.errors import error_info, status_from_error
 from services.runtime.server import Service
 from tests.support.accounts import PASSWORD, People
 from tests.support.edge import KZONE, UNIV, Edge, RateLimitService, Reply, running_edge
@@ -219,3 +222,34 @@ async def test_every_public_rpc_answers_through_the_edge_with_json_never_a_serve
     assert not unexpected, "\n".join(unexpected)
     assert len(seen) >= 90  # every operation was called
     assert {200, 400, 403, 404} <= set(seen)  # services answered, both ways
+
+
+async def test_live_streams_pass_through_the_edge_as_grpc_with_the_token_checked(
+    people: People, people_services: dict[str, Service], tmp_path: Path
+) -> None:
+    """AnalyzeVoice and AnalyzeDance have no REST form: apps reach them as gRPC through the edge, which checks the
+    bearer token and hands the stream to kzone; a JSON request finds no route."""
+    learner = await people.as_new_user("kzone", "kzone-public", "student")
+    ports = {name: service.port for name, service in people_services.items()}
+    async with running_edge(people.pki_dir, ports, None, tmp_path) as edge:
+        options = [("grpc.default_authority", KZONE)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.port}", options=options) as channel:
+            stub = kzone_service_pb2_grpc.KZoneServiceStub(channel)
+
+            async def empty() -> AsyncIterator[kzone_service_pb2.AnalyzeDanceRequest]:
+                return
+                yield
+
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                async for _ in stub.AnalyzeDance(empty(), timeout=10):
+                    pass
+            assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED  # the edge's JWT check
+            bearer = (("authorization", f"Bearer {learner.token}"),)
+            with pytest.raises(grpc.aio.AioRpcError) as protocol:
+                async for _ in stub.AnalyzeDance(empty(), metadata=bearer, timeout=10):
+                    pass
+            # kzone itself answered: the stream reached it as the learner, and it wanted its config first.
+            assert protocol.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info(status_from_error(protocol.value)).reason == "STREAM_PROTOCOL"  # type: ignore[union-attr]
+        as_json = await edge.call("POST", "/megacity.kzone.v1.KZoneService/AnalyzeVoice", host=KZONE, body={})
+        assert (as_json.status, as_json.body["code"]) == (404, 5)

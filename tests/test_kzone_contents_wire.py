@@ -27,6 +27,7 @@ from services.kzone.store import KZoneStore
 from services.runtime.database import create_pool
 from services.runtime.errors import field_violations, status_from_error
 from tests.support.accounts import Caller, People, reason
+from tests.support.kzone import isolated_kzone
 from tests.support.mesh import channel_as, make_config, mesh_catalog, running
 
 ZONE = "kzone"
@@ -49,8 +50,7 @@ async def kzone(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[KZone]:
-    media_dir = tmp_path / "media"
-    monkeypatch.setenv("MEGACITY_MEDIA_DIR", str(media_dir))
+    media_dir = isolated_kzone(monkeypatch, tmp_path)
     config = make_config(
         mesh_catalog(), "kzone", people.pki_dir, database_url=identity_database["kzone"], redis_url=redis.url
     )

@@ -1,4 +1,5 @@
-"""The kzone service: K-Zone reference content (songs and choreographies) and stored analysis results.
+"""The kzone service: K-Zone voice and dance analysis, reference content (songs and choreographies) and stored
+analysis results.
 
 Thin: validates and decides who may do what with the pure rules of services/kzone/contents.py (references) and
 services/kzone/results.py (results), reads and writes through services/kzone/store.py, and keeps media in the
@@ -9,24 +10,26 @@ Reference lifecycle: CreateReferenceContent makes one AWAITING_MEDIA; UploadRefe
 sets it PROCESSING with a new extraction id (`processing_job_id`), clearing its features, detected values and
 processing error (replacing the media of a READY or FAILED reference sends it back to PROCESSING).
 
-Not built yet (next step): the extraction worker. PROCESSING references wait for it: it will claim them (the
-claim_id / claims / heartbeat_time columns of db/kzone/0002), extract features with the analysis modules and the
-inference servers, keep a choreography's keypoints under contents.keypoints_key, and end each with
-KZoneStore.finish_processing (READY) or fail_processing (FAILED), naming the extraction id it worked on. Nothing
-here makes a reference READY. The analysis RPCs (AnalyzeVoice, AnalyzeDance, AnalyzeVoiceFile, DetectDancePose)
-still answer UNIMPLEMENTED; they will store results with KZoneStore.add_result.
+Features: the extraction workers (services/kzone/extraction.py, a background task of every replica) claim
+PROCESSING references, extract a song's words, pitch contour and beats or a choreography's keypoints with the
+analysis modules and the inference servers, and end each READY or FAILED.
+
+Analysis: live voice (AnalyzeVoice) and uploads of it (AnalyzeVoiceFile) in services/kzone/voice.py with
+voice_report.py; live dance (AnalyzeDance) and uploaded photos or videos (DetectDancePose) in
+services/kzone/dance.py. Each stores its report with KZoneStore.add_result. The live streams are gRPC only:
+apps reach them through the edge as gRPC, which checks the bearer token as the runtime does again here.
 
 Upload sizes: a song's audio at most 50 MiB, a choreography's video at most 500 MiB (the edge's limits for the
-route). A file over its kind's limit is INVALID_ARGUMENT with reason PAYLOAD_TOO_LARGE (a retry cannot succeed,
-so not RESOURCE_EXHAUSTED, which the platform keeps for rate and credit limits); a media type the kind does not
-take is INVALID_ARGUMENT with reason UNSUPPORTED_MEDIA_TYPE. Caveat: the runtime's gRPC servers take messages of
-at most 64 MiB (services/runtime/server.py SERVER_OPTIONS), so until uploads stream, a video over that is refused
-by gRPC itself (RESOURCE_EXHAUSTED) before it reaches this code.
+route; the catalog lets kzone take gRPC messages that large). A file over its kind's limit is INVALID_ARGUMENT
+with reason PAYLOAD_TOO_LARGE (a retry cannot succeed, so not RESOURCE_EXHAUSTED, which the platform keeps for
+rate and credit limits); a media type the kind does not take is INVALID_ARGUMENT with reason
+UNSUPPORTED_MEDIA_TYPE.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import structlog
@@ -36,6 +39,8 @@ from megacity.kzone.v1 import kzone_service_pb2 as pb
 from megacity.kzone.v1 import kzone_service_pb2_grpc
 from megacity.kzone.v1 import resources_pb2 as res
 from services.kzone import contents, results
+from services.kzone.dance import DanceService
+from services.kzone.extraction import ExtractionSettings, ExtractionWorker
 from services.kzone.store import (
     CONTENT_UPDATE_COLUMNS,
     KZoneStore,
@@ -45,11 +50,12 @@ from services.kzone.store import (
     StoredResult,
     content_columns,
 )
+from services.kzone.voice import VoiceAnalysis
 from services.runtime import paging
 from services.runtime.audit import Auditor
 from services.runtime.callcontext import require_principal
 from services.runtime.channels import ChannelFactory
-from services.runtime.context import UnaryContext
+from services.runtime.context import StreamingContext, UnaryContext
 from services.runtime.database import TenantScope
 from services.runtime.errors import (
     ErrorReason,
@@ -97,11 +103,21 @@ def _position(token: str, query: list[object]) -> Position | None:
 
 
 class KZoneServicer(kzone_service_pb2_grpc.KZoneServiceServicer):
-    def __init__(self, store: KZoneStore, media: MediaStore, auditor: Auditor, channels: ChannelFactory) -> None:
+    def __init__(
+        self,
+        store: KZoneStore,
+        media: MediaStore,
+        auditor: Auditor,
+        channels: ChannelFactory,
+        voice: VoiceAnalysis,
+        dance: DanceService,
+    ) -> None:
         self._store = store
         self._media = media
         self._audit = auditor
         self._channels = channels
+        self.voice = voice
+        self.dance = dance
 
     # --- reference content -----------------------------------------------------------------------------------
 
@@ -315,6 +331,42 @@ class KZoneServicer(kzone_service_pb2_grpc.KZoneServiceServicer):
             except (OSError, ValueError) as error:
                 _log.error("kzone.media_delete_failed", key=key, error=str(error))
 
+    # --- voice analysis (services/kzone/voice.py) ------------------------------------------------------------
+
+    async def AnalyzeVoice(
+        self,
+        request_iterator: AsyncIterator[pb.AnalyzeVoiceRequest],
+        context: StreamingContext[AsyncIterator[pb.AnalyzeVoiceRequest], pb.AnalyzeVoiceResponse],
+    ) -> AsyncIterator[pb.AnalyzeVoiceResponse]:
+        person = require_principal()
+        async for response in self.voice.stream(person, request_iterator):
+            yield response
+
+    async def AnalyzeVoiceFile(
+        self,
+        request: pb.AnalyzeVoiceFileRequest,
+        context: UnaryContext[pb.AnalyzeVoiceFileRequest, pb.AnalyzeVoiceFileResponse],
+    ) -> pb.AnalyzeVoiceFileResponse:
+        person = require_principal()
+        return pb.AnalyzeVoiceFileResponse(result=await self.voice.upload(person, request))
+
+    # --- dance analysis (services/kzone/dance.py) ------------------------------------------------------------
+
+    async def AnalyzeDance(
+        self,
+        request_iterator: AsyncIterator[pb.AnalyzeDanceRequest],
+        context: StreamingContext[AsyncIterator[pb.AnalyzeDanceRequest], pb.AnalyzeDanceResponse],
+    ) -> AsyncIterator[pb.AnalyzeDanceResponse]:
+        async for response in self.dance.analyze(request_iterator, context):
+            yield response
+
+    async def DetectDancePose(
+        self,
+        request: pb.DetectDancePoseRequest,
+        context: UnaryContext[pb.DetectDancePoseRequest, pb.DetectDancePoseResponse],
+    ) -> pb.DetectDancePoseResponse:
+        return await self.dance.detect(request)
+
     # --- stored results --------------------------------------------------------------------------------------
 
     async def _approved_parent(self, parent: AccessClaims, student_id: str) -> bool:
@@ -402,5 +454,17 @@ class KZoneServicer(kzone_service_pb2_grpc.KZoneServiceServicer):
 def servicers(deps: Dependencies) -> list[ServicerBinding]:
     if deps.database is None:
         raise RuntimeError("the kzone service needs PostgreSQL (MEGACITY_DATABASE_URL)")
-    servicer = KZoneServicer(KZoneStore(deps.database), MediaStore.from_environment(), deps.audit, deps.channels)
+    store, media = KZoneStore(deps.database), MediaStore.from_environment()
+    servicer = KZoneServicer(
+        store,
+        media,
+        deps.audit,
+        deps.channels,
+        VoiceAnalysis(store, media, deps.channels),
+        DanceService(store, media, deps.channels),
+    )
+    # The extraction workers make uploaded references READY (services/kzone/extraction.py).
+    extraction = ExtractionSettings.from_environment()
+    for _ in range(extraction.workers):
+        deps.background.append(ExtractionWorker(store, media, deps.channels, extraction).run)
     return [ServicerBinding(kzone_service_pb2_grpc.add_KZoneServiceServicer_to_server, servicer)]

@@ -1,8 +1,9 @@
 """The kzone service's SQL (schema `kzone`, db/kzone/): reference content and stored analysis results.
 
 Both tables are tenant-owned; each method runs in the tenant scope its caller decided (services/kzone/server.py),
-except the extraction worker's (`finish_processing`, `fail_processing`), which act for no person and name the
-extraction they finish.
+except the extraction worker's (`claim_extraction`, `renew_claim`, `release_claim`, `extraction_current`,
+`finish_processing`, `fail_processing`), which act for no person in the platform scope and name the extraction they
+work on (services/kzone/extraction.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ CONTENT_UPDATE_COLUMNS = {
 }
 # A page resumes after (create_time, id) of the last row served.
 Position = tuple[datetime, str]
+# A reference whose extraction killed this many workers (claimed, then its heartbeat stopped) fails rather than
+# being claimed again: it is likely what kills them.
+MAX_CLAIMS = 3
 
 
 def _json(message: Message) -> str:
@@ -96,6 +100,28 @@ class MediaChange:
 
     content: StoredContent
     stale_keys: list[str]
+
+
+@dataclass(frozen=True)
+class ClaimedExtraction:
+    """A PROCESSING reference an extraction worker holds: only the holder of `claim_id` renews, finishes or fails it.
+    `job_id` is the extraction (the upload) it works on; tempo and downbeat are the creator's (0 and None: not
+    given), never detected ones."""
+
+    content_id: str
+    claim_id: str
+    job_id: str
+    zone_id: str
+    org_id: str
+    kind: str
+    media_uri: str
+    media_content_type: str
+    language: str
+    lyrics: str
+    tempo_bpm: float
+    beats_per_bar: int
+    first_downbeat_seconds: float | None
+    claims: int
 
 
 def content_columns(content: res.ReferenceContent) -> dict[str, object]:
@@ -336,9 +362,11 @@ class KZoneStore:
         duration_seconds: float,
         tempo_bpm: float = 0.0,
         first_downbeat_seconds: float | None = None,
+        claim_id: str | None = None,
     ) -> bool:
         """The extraction worker's success: the reference becomes READY with its features and what was detected.
-        False (nothing written) when the reference is gone or its media was replaced since `job_id` started."""
+        False (nothing written) when the reference is gone or its media was replaced since `job_id` started, or,
+        given a `claim_id`, when that claim no longer holds it (another worker took it over)."""
         stored = res.ReferenceFeatures()
         stored.CopyFrom(features)
         stored.content_id = ""
@@ -347,28 +375,116 @@ class KZoneStore:
                 "UPDATE kzone_contents SET status = 'ready', features = $3, duration_seconds = $4, "
                 "detected_tempo_bpm = $5, detected_first_downbeat_seconds = $6, claim_id = NULL, "
                 "heartbeat_time = NULL, update_time = now() "
-                "WHERE content_id = $1 AND processing_job_id = $2 AND status = 'processing'",
+                "WHERE content_id = $1 AND processing_job_id = $2 AND status = 'processing' "
+                "AND ($7::text IS NULL OR claim_id = $7)",
                 content_id,
                 job_id,
                 _json(stored),
                 duration_seconds,
                 tempo_bpm,
                 first_downbeat_seconds,
+                claim_id,
             )
         return bool(done == "UPDATE 1")
 
-    async def fail_processing(self, content_id: str, *, job_id: str, error: str) -> bool:
-        """The extraction worker's failure: FAILED with a reason for people (upload the media again)."""
+    async def fail_processing(self, content_id: str, *, job_id: str, error: str, claim_id: str | None = None) -> bool:
+        """The extraction worker's failure: FAILED with a reason for people (upload the media again). False as for
+        finish_processing."""
         async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
             done = await connection.execute(
                 "UPDATE kzone_contents SET status = 'failed', processing_error = $3, claim_id = NULL, "
                 "heartbeat_time = NULL, update_time = now() "
-                "WHERE content_id = $1 AND processing_job_id = $2 AND status = 'processing'",
+                "WHERE content_id = $1 AND processing_job_id = $2 AND status = 'processing' "
+                "AND ($4::text IS NULL OR claim_id = $4)",
                 content_id,
                 job_id,
                 error[:1000] or "extraction failed",
+                claim_id,
             )
         return bool(done == "UPDATE 1")
+
+    # --- the extraction workers' claims ----------------------------------------------------------------------------
+
+    async def claim_extraction(
+        self, stale_after_seconds: float, max_claims: int = MAX_CLAIMS
+    ) -> ClaimedExtraction | None:
+        """Takes the PROCESSING reference of any tenant that waited longest and that no worker holds, or whose worker
+        has not renewed its heartbeat for `stale_after_seconds` (it died); None when there is none. Row locks skipped
+        by concurrent claims keep two workers from ever taking the same one. First, references whose extraction was
+        claimed `max_claims` times and went stale again fail: they are likely what kills their workers."""
+        claim_id = uuid.uuid4().hex
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            await connection.execute(
+                "UPDATE kzone_contents SET status = 'failed', claim_id = NULL, heartbeat_time = NULL, "
+                "update_time = now(), processing_error = 'extraction given up: the worker running it stopped ' "
+                "|| claims || ' times without finishing; upload the media again' "
+                "WHERE status = 'processing' AND claim_id IS NOT NULL "
+                "AND heartbeat_time < now() - make_interval(secs => $1) AND claims >= $2",
+                stale_after_seconds,
+                max_claims,
+            )
+            row = await connection.fetchrow(
+                "UPDATE kzone_contents c SET claim_id = $3, claims = c.claims + 1, heartbeat_time = now() "
+                "FROM (SELECT content_id FROM kzone_contents WHERE status = 'processing' AND (claim_id IS NULL "
+                "OR (heartbeat_time < now() - make_interval(secs => $1) AND claims < $2)) "
+                "ORDER BY update_time, content_id LIMIT 1 FOR UPDATE SKIP LOCKED) next "
+                "WHERE c.content_id = next.content_id RETURNING c.content_id, c.processing_job_id, c.zone_id, "
+                "c.org_id, c.kind, c.media_uri, c.media_content_type, c.language, c.lyrics, c.tempo_bpm, "
+                "c.beats_per_bar, c.first_downbeat_seconds, c.claims",
+                stale_after_seconds,
+                max_claims,
+                claim_id,
+            )
+        if row is None:
+            return None
+        return ClaimedExtraction(
+            content_id=row["content_id"],
+            claim_id=claim_id,
+            job_id=row["processing_job_id"],
+            zone_id=row["zone_id"],
+            org_id=row["org_id"],
+            kind=row["kind"],
+            media_uri=row["media_uri"],
+            media_content_type=row["media_content_type"],
+            language=row["language"],
+            lyrics=row["lyrics"],
+            tempo_bpm=row["tempo_bpm"],
+            beats_per_bar=row["beats_per_bar"],
+            first_downbeat_seconds=row["first_downbeat_seconds"],
+            claims=row["claims"],
+        )
+
+    async def renew_claim(self, claim: ClaimedExtraction) -> bool:
+        """The worker is alive: renews the heartbeat. False when the claim no longer holds the reference (taken
+        over, its media replaced, deleted, or finished)."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            done = await connection.execute(
+                "UPDATE kzone_contents SET heartbeat_time = now() "
+                "WHERE content_id = $1 AND claim_id = $2 AND processing_job_id = $3 AND status = 'processing'",
+                claim.content_id,
+                claim.claim_id,
+                claim.job_id,
+            )
+        return bool(done == "UPDATE 1")
+
+    async def release_claim(self, claim: ClaimedExtraction) -> None:
+        """Hands the reference back to the queue (its worker is stopping), without counting the claim against it."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            await connection.execute(
+                "UPDATE kzone_contents SET claim_id = NULL, claims = greatest(claims - 1, 0), heartbeat_time = NULL "
+                "WHERE content_id = $1 AND claim_id = $2 AND status = 'processing'",
+                claim.content_id,
+                claim.claim_id,
+            )
+
+    async def extraction_current(self, content_id: str, job_id: str) -> bool:
+        """Whether the reference still exists with `job_id` as its extraction (whatever its status): when it does
+        not, nothing will ever use what that extraction wrote."""
+        async with tenant_transaction(self._pool, TenantScope.platform()) as connection:
+            found = await connection.fetchval(
+                "SELECT true FROM kzone_contents WHERE content_id = $1 AND processing_job_id = $2", content_id, job_id
+            )
+        return bool(found)
 
     # --- stored results ----------------------------------------------------------------------------------------
 
