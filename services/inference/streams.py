@@ -23,8 +23,9 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
-from services.runtime.errors import DeadlineExceeded, ErrorReason, ResourceExhausted, Unavailable
+from services.runtime.errors import DeadlineExceeded, ErrorReason, InvalidArgument, ResourceExhausted, Unavailable
 
 _log = structlog.get_logger("megacity.inference")
 
@@ -270,3 +271,40 @@ def lifetime(
                 _log.error("model.close_failed", error=repr(error))
 
     return live
+
+
+def frame_timestamp_ms(timestamp: duration_pb2.Duration | None, previous_ms: int | None, index: int) -> int:
+    """A stream frame's timestamp (None: the frame has none) in ms: present, and at least 1 ms after the previous
+    frame's (video mode tracks motion over time); INVALID_ARGUMENT (FRAME_TIMESTAMP_INVALID) otherwise. `index`
+    counts the stream's messages."""
+    if timestamp is None:
+        raise InvalidArgument(
+            "stream frames need timestamps",
+            [("frame.timestamp", f"required (message {index})")],
+            reason=ErrorReason.ERROR_REASON_FRAME_TIMESTAMP_INVALID,
+        )
+    timestamp_ms: int = timestamp.ToMilliseconds()
+    if timestamp_ms < 0 or (previous_ms is not None and timestamp_ms <= previous_ms):
+        raise InvalidArgument(
+            f"frame timestamps must increase by at least 1 ms; {timestamp_ms} ms follows {previous_ms} ms",
+            [("frame.timestamp", f"must be after the previous frame's {previous_ms} ms (message {index})")],
+            reason=ErrorReason.ERROR_REASON_FRAME_TIMESTAMP_INVALID,
+            metadata={"timestamp_ms": str(timestamp_ms), "previous_ms": str(previous_ms)},
+        )
+    return timestamp_ms
+
+
+Q = TypeVar("Q", bound=Message)
+
+
+async def first_config(reader: RequestReader[Q], placement: str) -> Q:
+    """The stream's first message, which must carry its config (the `request` oneof); INVALID_ARGUMENT
+    (STREAM_PROTOCOL) when the stream ends first or starts with something else."""
+    first = await reader.next()
+    if first is None or first.WhichOneof("request") != "config":
+        raise InvalidArgument(
+            "the first message of a stream must carry its config",
+            [("config", placement)],
+            reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
+        )
+    return first

@@ -66,7 +66,7 @@ from megacity.kzone.v1 import resources_pb2 as res
 from megacity.pose.v1 import pose_service_pb2 as pose_pb
 from megacity.pose.v1 import pose_service_pb2_grpc
 from megacity.pose.v1 import resources_pb2 as pose_res
-from services.inference.streams import RequestReader, StreamSlots
+from services.inference.streams import RequestReader, StreamSlots, first_config, frame_timestamp_ms
 from services.kzone import contents
 from services.kzone.choreography import (
     LANDMARK_COUNT,
@@ -397,19 +397,7 @@ def check_video_frame(frame: res.VideoFrame, previous_ms: int | None, index: int
             [("frame.data", f"at most {MAX_FRAME_BYTES} bytes")],
             reason=ErrorReason.ERROR_REASON_PAYLOAD_TOO_LARGE,
         )
-    if not frame.HasField("timestamp"):
-        raise InvalidArgument(
-            "stream frames need timestamps",
-            [("frame.timestamp", f"required (message {index})")],
-            reason=ErrorReason.ERROR_REASON_FRAME_TIMESTAMP_INVALID,
-        )
-    timestamp_ms = frame.timestamp.ToMilliseconds()
-    if timestamp_ms < 0 or (previous_ms is not None and timestamp_ms <= previous_ms):
-        raise InvalidArgument(
-            f"frame timestamps must increase by at least 1 ms; {timestamp_ms} ms follows {previous_ms} ms",
-            [("frame.timestamp", f"must be after the previous frame's {previous_ms} ms (message {index})")],
-            reason=ErrorReason.ERROR_REASON_FRAME_TIMESTAMP_INVALID,
-        )
+    timestamp_ms = frame_timestamp_ms(frame.timestamp if frame.HasField("timestamp") else None, previous_ms, index)
     if not frame.data:
         raise _frame_format_error("required", "frame.data")
     if frame.encoding == res.FRAME_ENCODING_RGB24:
@@ -612,13 +600,7 @@ class DanceService:
             idle_timeout=self.settings.idle_timeout,
         )
         async with reader:
-            first = await reader.next()
-            if first is None or first.WhichOneof("request") != "config":
-                raise InvalidArgument(
-                    "the first message of a stream must carry its config",
-                    [("config", "the first message, and only the first")],
-                    reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
-                )
+            first = await first_config(reader, "the first message, and only the first")
             person = require_principal()
             with self.slots.hold():
                 config = first.config

@@ -55,7 +55,7 @@ from megacity.asr.v1 import asr_service_pb2_grpc
 from megacity.asr.v1 import resources_pb2 as asr_res
 from megacity.kzone.v1 import kzone_service_pb2 as pb
 from megacity.kzone.v1 import resources_pb2 as res
-from services.inference.streams import RequestReader, StreamSlots
+from services.inference.streams import RequestReader, StreamSlots, first_config
 from services.kzone import contents
 from services.kzone.decoding import UndecodableMedia, decode_audio
 from services.kzone.pitch import PitchFrames, PitchTracker, concatenate_frames, track_pitch
@@ -305,13 +305,7 @@ class VoiceAnalysis:
             idle_timeout=self.settings.idle_timeout,
         )
         async with reader:
-            first = await reader.next()
-            if first is None or first.WhichOneof("request") != "config":
-                raise InvalidArgument(
-                    "the first message of a stream must carry its config",
-                    [("config", "required in the first message, before any audio")],
-                    reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
-                )
+            first = await first_config(reader, "required in the first message, before any audio")
             config = first.config
             violations = Violations()
             check_format(violations, config.encoding, config.sample_rate_hertz, config.channel_count, "config.")

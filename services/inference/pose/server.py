@@ -27,7 +27,7 @@ from megacity.pose.v1 import pose_service_pb2 as pb
 from megacity.pose.v1 import pose_service_pb2_grpc
 from megacity.pose.v1 import resources_pb2 as res
 from services.inference.pose.engine import PoseModel, PoseOptions, PoseSettings, VideoSession
-from services.inference.streams import ModelHost, RequestReader, StreamSlots, duration, lifetime
+from services.inference.streams import ModelHost, RequestReader, StreamSlots, duration, frame_timestamp_ms, lifetime
 from services.runtime.context import StreamingContext, UnaryContext
 from services.runtime.errors import ErrorReason, InvalidArgument, Violations
 from services.runtime.server import Dependencies, ServicerBinding
@@ -126,7 +126,8 @@ class PoseServicer(pose_service_pb2_grpc.PoseServiceServicer):
                             raise _protocol_error(f"message {index} must carry a frame, not a config", "frame")
                         frame = request.frame
                         check_frame(frame, "frame", settings.max_frame_bytes)
-                        timestamp_ms = self._timestamp_ms(frame, previous_ms, index)
+                        stamp = frame.timestamp if frame.HasField("timestamp") else None
+                        timestamp_ms = frame_timestamp_ms(stamp, previous_ms, index)
                         previous_ms = timestamp_ms
                         detection = await loop.run_in_executor(self._executor, session.detect, frame, timestamp_ms)
                         yield pb.DetectPoseResponse(
@@ -137,24 +138,6 @@ class PoseServicer(pose_service_pb2_grpc.PoseServiceServicer):
                         )
                 finally:
                     self._close_later(session)
-
-    @staticmethod
-    def _timestamp_ms(frame: res.Frame, previous_ms: int | None, index: int) -> int:
-        if not frame.HasField("timestamp"):
-            raise InvalidArgument(
-                "stream frames need timestamps",
-                [("frame.timestamp", f"required (message {index})")],
-                reason=ErrorReason.ERROR_REASON_FRAME_TIMESTAMP_INVALID,
-            )
-        timestamp_ms = frame.timestamp.ToMilliseconds()
-        if timestamp_ms < 0 or (previous_ms is not None and timestamp_ms <= previous_ms):
-            raise InvalidArgument(
-                f"frame timestamps must increase by at least 1 ms; {timestamp_ms} ms follows {previous_ms} ms",
-                [("frame.timestamp", f"must be after the previous frame's {previous_ms} ms (message {index})")],
-                reason=ErrorReason.ERROR_REASON_FRAME_TIMESTAMP_INVALID,
-                metadata={"timestamp_ms": str(timestamp_ms), "previous_ms": str(previous_ms)},
-            )
-        return timestamp_ms
 
     async def DetectImagePose(
         self,
