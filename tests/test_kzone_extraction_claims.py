@@ -26,7 +26,7 @@ from services.runtime.channels import ChannelFactory
 from services.runtime.config import Transport
 from services.runtime.contracts import default_pool
 from services.runtime.database import TenantScope, create_pool, tenant_transaction
-from services.runtime.media import MediaStore
+from services.runtime.media import LocalMediaStore
 from tests.support.ports import free_port
 
 STALE = 0.5
@@ -36,7 +36,7 @@ RATE = 16_000
 @dataclass
 class Setup:
     store: KZoneStore
-    media: MediaStore
+    media: LocalMediaStore
     channels: ChannelFactory
     owner: Owner
 
@@ -87,7 +87,7 @@ async def setup(identity_database: dict[str, str], tmp_path: Path) -> AsyncItera
     try:
         yield Setup(
             KZoneStore(pool),
-            MediaStore(tmp_path / "media"),
+            LocalMediaStore(tmp_path / "media"),
             channels,
             Owner(zone_id="kzone", org_id=f"org-{uuid.uuid4().hex[:8]}", user_id="teacher-1"),
         )
@@ -216,7 +216,7 @@ async def test_undecodable_and_missing_media_fail_with_a_reason(setup: Setup) ->
     assert gone.processing_job_id == missing_job
 
 
-class _SlowMedia(MediaStore):
+class _SlowMedia(LocalMediaStore):
     """Media reads wait until released: an extraction that is still running."""
 
     def __init__(self, root: Path) -> None:
