@@ -29,6 +29,7 @@ from services.exam.calibration_store import (
     ResponseMatrix,
     RunSummary,
 )
+from services.runtime.claims import keep_claim, poll_forever
 
 POLL_SECONDS = 2.0
 HEARTBEAT_SECONDS = 5.0
@@ -86,16 +87,7 @@ class CalibrationWorker:
 
     async def run(self) -> None:
         """Runs for the life of the service; neither a failing run nor PostgreSQL being away ends it."""
-        while True:
-            try:
-                worked = await self.process_one()
-            except Exception as error:
-                # A run that raised is failed inside process_one; what gets here is the database being away (the
-                # run, if one was claimed, is claimed again once its heartbeat goes stale).
-                _log.warning("calibration.unavailable", error=repr(error))
-                worked = False
-            if not worked:
-                await asyncio.sleep(self._poll_seconds)
+        await poll_forever(self.process_one, self._poll_seconds, "calibration.unavailable")
 
     async def process_one(self) -> bool:
         """Claims one run and carries it to its end; False when no run was waiting."""
@@ -105,7 +97,15 @@ class CalibrationWorker:
         log = _log.bind(calibration_id=run.calibration_id, org_id=run.org_id)
         log.info("calibration.started", model=run.settings.model)
         progress = _Progress(run.settings.max_iterations)
-        heartbeat = asyncio.create_task(self._heartbeat(run, progress))
+        heartbeat = asyncio.create_task(
+            keep_claim(
+                lambda: self._store.heartbeat(run, progress.value),
+                self._heartbeat_seconds,
+                progress.stop.set,
+                "calibration.heartbeat_failed",
+                calibration_id=run.calibration_id,
+            )
+        )
         try:
             matrix = await self._store.responses(run)
             result = await asyncio.to_thread(_estimate, run, matrix, progress)
@@ -136,19 +136,6 @@ class CalibrationWorker:
             progress.stop.set()
             heartbeat.cancel()
         return True
-
-    async def _heartbeat(self, run: ClaimedRun, progress: _Progress) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
-            try:
-                held = await self._store.heartbeat(run, progress.value)
-            except Exception as error:
-                # Missing one beat is harmless (STALE_AFTER_SECONDS allows several); the next one tries again.
-                _log.warning("calibration.heartbeat_failed", calibration_id=run.calibration_id, error=str(error))
-                continue
-            if not held:
-                progress.stop.set()
-                return
 
 
 def _estimate(run: ClaimedRun, matrix: ResponseMatrix, progress: _Progress) -> CalibrationResult:

@@ -79,6 +79,7 @@ from services.kzone.pitch import PitchFrames, PitchTracker, concatenate_frames
 from services.kzone.rhythm import RhythmSettings, RhythmTracker
 from services.kzone.store import MAX_CLAIMS, ClaimedExtraction, KZoneStore
 from services.runtime.channels import ChannelFactory
+from services.runtime.claims import keep_claim, poll_forever
 from services.runtime.config import ConfigError, env_int, env_number
 from services.runtime.media import MediaNotFound, MediaStore
 
@@ -372,16 +373,7 @@ class ExtractionWorker:
 
     async def run(self) -> None:
         """Runs for the life of the service; neither a failing extraction nor PostgreSQL being away ends it."""
-        while True:
-            try:
-                worked = await self.process_one()
-            except Exception as error:
-                # An extraction that raised is failed inside process_one; what gets here is the database being away
-                # (a reference, if one was claimed, is claimed again once its heartbeat goes stale).
-                _log.warning("kzone.extraction.unavailable", error=repr(error))
-                worked = False
-            if not worked:
-                await asyncio.sleep(self.settings.poll_seconds)
+        await poll_forever(self.process_one, self.settings.poll_seconds, "kzone.extraction.unavailable")
 
     async def process_one(self) -> bool:
         """Claims one reference and carries its extraction to its end; False when none was waiting."""
@@ -393,7 +385,20 @@ class ExtractionWorker:
         started = time.perf_counter()
         work = asyncio.create_task(self._extract(claim), name=f"extract-{claim.content_id}")
         lost = asyncio.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(claim, work, lost))
+
+        def withdraw() -> None:
+            lost.set()
+            work.cancel()
+
+        heartbeat = asyncio.create_task(
+            keep_claim(
+                lambda: self._store.renew_claim(claim),
+                self.settings.heartbeat_seconds,
+                withdraw,
+                "kzone.extraction.heartbeat_failed",
+                content_id=claim.content_id,
+            )
+        )
         try:
             try:
                 extracted = await work
@@ -442,20 +447,6 @@ class ExtractionWorker:
                 log.info("kzone.extraction.dropped", reason="the reference changed while it was extracted")
                 await self._forget_keypoints(claim)
         return True
-
-    async def _heartbeat(self, claim: ClaimedExtraction, work: asyncio.Task[Extracted], lost: asyncio.Event) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_seconds)
-            try:
-                held = await self._store.renew_claim(claim)
-            except Exception as error:
-                # Missing one beat is harmless (the stale time allows several); the next one tries again.
-                _log.warning("kzone.extraction.heartbeat_failed", content_id=claim.content_id, error=repr(error))
-                continue
-            if not held:
-                lost.set()
-                work.cancel()
-                return
 
     async def _forget_keypoints(self, claim: ClaimedExtraction) -> None:
         """Deletes the keypoints an abandoned choreography extraction may have stored, unless the same upload's
