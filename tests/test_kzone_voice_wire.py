@@ -18,9 +18,10 @@ import time
 import uuid
 import wave
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeAlias
 
 import av
 import grpc
@@ -51,6 +52,7 @@ from tests.support.accounts import Caller, People
 from tests.support.inference import chunks, error_of, joined, silence, speak, word_accuracy
 from tests.support.kzone import isolated_kzone
 from tests.support.mesh import channel_as, make_config, mesh_catalog
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -151,16 +153,30 @@ def voice_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyP
     return monkeypatch
 
 
+StartKZone: TypeAlias = Callable[[Service | None], AbstractAsyncContextManager[KZone]]
+
+
 @pytest.fixture
-async def kzone(
+def start_kzone(
     voice_env: pytest.MonkeyPatch,
     people: People,
     identity_database: dict[str, str],
     redis: EmbeddedRedis,
     tmp_path: Path,
-    asr: Service,
-) -> AsyncIterator[KZone]:
-    async with _kzone(people, identity_database["kzone"], redis, tmp_path, f"127.0.0.1:{asr.port}", asr) as running:
+) -> StartKZone:
+    """Starts kzone (with the settings voice_env holds when called) in front of the given asr server, or of an
+    address where none listens."""
+
+    def start(asr: Service | None) -> AbstractAsyncContextManager[KZone]:
+        target = f"127.0.0.1:{asr.port if asr is not None else free_port()}"
+        return _kzone(people, identity_database["kzone"], redis, tmp_path, target, asr)
+
+    return start
+
+
+@pytest.fixture
+async def kzone(start_kzone: StartKZone, asr: Service) -> AsyncIterator[KZone]:
+    async with start_kzone(asr) as running:
         yield running
 
 
@@ -458,15 +474,12 @@ async def test_twenty_concurrent_streams_complete(kzone: KZone, learner: Caller,
 
 async def test_over_the_limit_streams_are_refused_cleanly(
     voice_env: pytest.MonkeyPatch,
-    people: People,
-    identity_database: dict[str, str],
-    redis: EmbeddedRedis,
-    tmp_path: Path,
+    start_kzone: StartKZone,
     asr: Service,
     learner: Caller,
 ) -> None:
     voice_env.setenv("MEGACITY_KZONE_MAX_VOICE_STREAMS", "2")
-    async with _kzone(people, identity_database["kzone"], redis, tmp_path, f"127.0.0.1:{asr.port}", asr) as kzone:
+    async with start_kzone(asr) as kzone:
         holders = [
             kzone.api.AnalyzeVoice(_config_then_wait(_config(target_text=SHORT)), metadata=learner.metadata())
             for _ in range(2)
@@ -570,15 +583,12 @@ async def test_bad_configs_are_refused_with_field_violations(kzone: KZone, peopl
 
 async def test_an_idle_stream_times_out(
     voice_env: pytest.MonkeyPatch,
-    people: People,
-    identity_database: dict[str, str],
-    redis: EmbeddedRedis,
-    tmp_path: Path,
+    start_kzone: StartKZone,
     asr: Service,
     learner: Caller,
 ) -> None:
     voice_env.setenv("MEGACITY_KZONE_VOICE_IDLE_SECONDS", "1")
-    async with _kzone(people, identity_database["kzone"], redis, tmp_path, f"127.0.0.1:{asr.port}", asr) as kzone:
+    async with start_kzone(asr) as kzone:
 
         async def some_audio_then_nothing() -> AsyncIterator[pb.AnalyzeVoiceRequest]:
             yield pb.AnalyzeVoiceRequest(config=_config(target_text=SHORT))
@@ -597,16 +607,10 @@ async def test_an_idle_stream_times_out(
 
 
 async def test_a_missing_recogniser_is_unavailable_with_retry_advice(
-    voice_env: pytest.MonkeyPatch,
-    people: People,
-    identity_database: dict[str, str],
-    redis: EmbeddedRedis,
-    tmp_path: Path,
+    start_kzone: StartKZone,
     learner: Caller,
 ) -> None:
-    from tests.support.ports import free_port
-
-    async with _kzone(people, identity_database["kzone"], redis, tmp_path, f"127.0.0.1:{free_port()}", None) as kzone:
+    async with start_kzone(None) as kzone:
         refused = await _refusal(kzone, learner, _config(target_text=SHORT))
         assert error_of(refused)[:2] == (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY")
         assert _retry_delay(refused) == pytest.approx(2.0)
