@@ -23,9 +23,10 @@ from asyncpg.pool import PoolConnectionProxy
 from megacity.exam.v1 import resources_pb2 as res
 from services.exam.calibration import Model
 from services.exam.items import MODEL_VALUES
-from services.exam.store import SCORED_STATUSES, Owner, set_times
+from services.exam.store import SCORED_STATUSES, Owner
 from services.runtime.database import TenantScope, tenant_transaction
 from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.rows import set_times
 
 STATES = {
     res.CALIBRATION_STATE_QUEUED: "queued",

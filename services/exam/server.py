@@ -47,8 +47,6 @@ from services.exam.store import (
     Period,
     exam_columns,
     exam_message,
-    json_loads,
-    set_times,
 )
 from services.exam.worker import ABANDON_AFTER_SECONDS, ScoringWorker
 from services.runtime import paging
@@ -68,6 +66,7 @@ from services.runtime.errors import (
     Violations,
 )
 from services.runtime.permissions import grants
+from services.runtime.rows import json_column, set_times
 from services.runtime.server import Dependencies, ServicerBinding
 from services.runtime.tokens import AccessClaims
 
@@ -141,7 +140,7 @@ def _report_message(row: asyncpg.Record) -> res.Report:
         stop_reason=STOP_REASON_VALUES.get(row["stop_reason"], res.STOP_REASON_UNSPECIFIED),
         parameter_version=row["parameter_version"],
     )
-    for area, counts in sorted(json_loads(row["content_areas"]).items()):
+    for area, counts in sorted(json_column(row["content_areas"]).items()):
         report.content_areas.add(
             content_area=area,
             items_answered=counts["answered"],
@@ -357,7 +356,7 @@ class ExamServicer(exam_service_pb2_grpc.ExamServiceServicer):
         adaptive = None
         if row["adaptive"] is not None:
             adaptive = res.AdaptiveConfig()
-            json_format.ParseDict(json_loads(row["adaptive"]), adaptive)
+            json_format.ParseDict(json_column(row["adaptive"]), adaptive)
         pool = (
             0 if person.role in LEARNERS else await self._store.pool_size(_staff_scope(person), row["org_id"], adaptive)
         )

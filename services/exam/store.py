@@ -12,16 +12,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 from asyncpg.pool import PoolConnectionProxy
 from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from megacity.exam.v1 import resources_pb2 as res
 from services.exam import items as item_rules
 from services.exam.analytics import ExamFigures, ScoredAttempt
 from services.runtime.database import TenantScope, tenant_transaction
 from services.runtime.errors import AlreadyExists, ErrorReason, FailedPrecondition, NotFound
+from services.runtime.rows import json_column, message_json, set_times
 
 _ITEM_SELECT = """
     SELECT i.item_id, i.zone_id, i.org_id, i.external_id, i.content_area, i.item_type, i.stem, i.choices,
@@ -58,10 +57,6 @@ EXAM_UPDATABLE = frozenset(
         "max_attempts_per_student",
     }
 )
-
-
-def _json(message: object) -> str:
-    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -101,7 +96,7 @@ class ExamStore:
             item_rules.ITEM_TYPES[item.item_type],
             item.stem,
             _json_list(item.choices),
-            _json(item.answer_key),
+            message_json(item.answer_key),
             item.media_uri,
             item.explanation,
             item_rules.ITEM_STATUSES.get(item.status, "draft"),
@@ -376,7 +371,7 @@ class FailedToDelete(Exception):
 
 
 def _json_list(choices: Sequence[res.Choice]) -> str:
-    return "[" + ",".join(_json(choice) for choice in choices) + "]"
+    return "[" + ",".join(message_json(choice) for choice in choices) + "]"
 
 
 def exam_columns(exam: res.Exam) -> dict[str, object]:
@@ -386,9 +381,9 @@ def exam_columns(exam: res.Exam) -> dict[str, object]:
         "description": exam.description,
         "exam_type": EXAM_TYPES.get(exam.exam_type, "practice"),
         "is_public": exam.is_public,
-        "adaptive": _json(exam.adaptive) if exam.HasField("adaptive") else None,
-        "fixed_form": _json(exam.fixed_form) if exam.HasField("fixed_form") else None,
-        "score_scale": _json(exam.score_scale),
+        "adaptive": message_json(exam.adaptive) if exam.HasField("adaptive") else None,
+        "fixed_form": message_json(exam.fixed_form) if exam.HasField("fixed_form") else None,
+        "score_scale": message_json(exam.score_scale),
         "time_limit_seconds": exam.time_limit.seconds,
         "show_estimates": exam.show_estimates,
         "show_item_feedback": exam.show_item_feedback,
@@ -432,9 +427,9 @@ def item_message(row: asyncpg.Record) -> res.Item:
         exposure_parameter=row["exposure_parameter"],
         creator_id=row["creator_id"],
     )
-    for choice in json_loads(row["choices"]):
+    for choice in json_column(row["choices"]):
         json_format.ParseDict(choice, item.choices.add())
-    json_format.ParseDict(json_loads(row["answer_key"]), item.answer_key)
+    json_format.ParseDict(json_column(row["answer_key"]), item.answer_key)
     if row["model"] is not None:
         item.parameters.CopyFrom(
             res.ItemParameters(
@@ -471,25 +466,13 @@ def exam_message(row: asyncpg.Record, pool_size: int = 0) -> res.Exam:
         creator_id=row["creator_id"],
     )
     if row["adaptive"] is not None:
-        json_format.ParseDict(json_loads(row["adaptive"]), exam.adaptive)
+        json_format.ParseDict(json_column(row["adaptive"]), exam.adaptive)
     if row["fixed_form"] is not None:
-        json_format.ParseDict(json_loads(row["fixed_form"]), exam.fixed_form)
-    json_format.ParseDict(json_loads(row["score_scale"]), exam.score_scale)
+        json_format.ParseDict(json_column(row["fixed_form"]), exam.fixed_form)
+    json_format.ParseDict(json_column(row["score_scale"]), exam.score_scale)
     exam.time_limit.seconds = row["time_limit_seconds"]
     set_times(exam, row, ("open_time", "close_time", "create_time", "update_time", "publish_time"))
     return exam
-
-
-def set_times(message: Message, row: asyncpg.Record, fields: Sequence[str]) -> None:
-    """Copies the row's timestamp columns into the message's Timestamp fields of the same names (NULL: unset)."""
-    for field in fields:
-        if row[field] is not None:
-            getattr(message, field).FromDatetime(row[field])
-
-
-def json_loads(value: object) -> Any:
-    """asyncpg returns json/jsonb columns as text unless a codec is set."""
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
 # Ended attempts that are scored: finished (by the engine or the student) or expired (time ran out).
@@ -559,8 +542,8 @@ class AttemptStore:
                 item_type=row["item_type"],
                 stem=row["stem"],
                 # Parsed once per bank load, not per answer: protobuf's JSON parsing is slow in Python.
-                choices=[json_format.ParseDict(choice, res.Choice()) for choice in json_loads(row["choices"])],
-                answer_key=json_format.ParseDict(json_loads(row["answer_key"]), res.AnswerKey()),
+                choices=[json_format.ParseDict(choice, res.Choice()) for choice in json_column(row["choices"])],
+                answer_key=json_format.ParseDict(json_column(row["answer_key"]), res.AnswerKey()),
                 media_uri=row["media_uri"],
                 status=row["status"],
                 a=row["a"],
@@ -933,7 +916,7 @@ class AttemptStore:
             ExamFigures(
                 exam_id=row["exam_id"],
                 exam_title=row["title"],
-                score_scale=json_format.ParseDict(json_loads(row["score_scale"]), res.ScoreScale()),
+                score_scale=json_format.ParseDict(json_column(row["score_scale"]), res.ScoreScale()),
                 attempts_started=int(row["started"]),
                 attempts_in_progress=int(row["in_progress"]),
                 scored=scores.get(row["exam_id"], []),

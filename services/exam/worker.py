@@ -23,7 +23,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from megacity.exam.v1 import resources_pb2 as res
 from services.exam import scoring
-from services.exam.store import AttemptStore, json_loads
+from services.exam.store import AttemptStore
+from services.runtime.rows import json_column
 
 STREAM = "exam_scoring"
 GROUP = "scoring"
@@ -127,7 +128,7 @@ class ScoringWorker:
             raise LookupError(f"no finished attempt {attempt_id!r}")
         attempt, answers, thetas, scale_json = inputs
         scale = res.ScoreScale()
-        json_format.ParseDict(json_loads(scale_json), scale)
+        json_format.ParseDict(json_column(scale_json), scale)
         theta = attempt["theta"] if attempt["theta"] is not None else 0.0
         areas: dict[str, dict[str, int]] = {}
         for answer in answers:

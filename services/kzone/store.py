@@ -12,18 +12,16 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
-import orjson
 from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from megacity.kzone.v1 import resources_pb2 as res
 from services.kzone import contents as rules
 from services.kzone import results as result_rules
 from services.runtime.database import TenantScope, tenant_transaction
 from services.runtime.errors import NotFound
+from services.runtime.rows import json_column, message_json, set_times
 
 _CONTENT_COLUMNS = """
     content_id, zone_id, org_id, kind, title, artist, description, language, lyrics, is_public, status,
@@ -51,15 +49,6 @@ Position = tuple[datetime, str]
 # A reference whose extraction killed this many workers (claimed, then its heartbeat stopped) fails rather than
 # being claimed again: it is likely what kills them.
 MAX_CLAIMS = 3
-
-
-def _json(message: Message) -> str:
-    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
-
-
-def _json_loads(value: object) -> Any:
-    """asyncpg returns json/jsonb columns as text unless a codec is set."""
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
 @dataclass(frozen=True)
@@ -169,8 +158,7 @@ def _content(row: asyncpg.Record) -> StoredContent:
         downbeat = row["detected_first_downbeat_seconds"]
     if downbeat is not None:
         message.first_downbeat_offset.CopyFrom(rules.seconds_duration(downbeat))
-    message.create_time.FromDatetime(row["create_time"])
-    message.update_time.FromDatetime(row["update_time"])
+    set_times(message, row, ("create_time", "update_time"))
     facts = rules.ContentFacts(
         zone_id=row["zone_id"],
         org_id=row["org_id"],
@@ -193,9 +181,9 @@ def _result(row: asyncpg.Record) -> StoredResult:
         job_id=row["job_id"],
     )
     report = message.voice if row["kind"] == "voice" else message.dance
-    json_format.ParseDict(_json_loads(row["report"]), report, ignore_unknown_fields=True)
+    json_format.ParseDict(json_column(row["report"]), report, ignore_unknown_fields=True)
     report.SetInParent()  # an empty report still says which kind it is
-    message.create_time.FromDatetime(row["create_time"])
+    set_times(message, row, ("create_time",))
     return StoredResult(
         message=message,
         facts=result_rules.ResultFacts(zone_id=row["zone_id"], org_id=row["org_id"], user_id=row["user_id"]),
@@ -258,7 +246,7 @@ class KZoneStore:
         if raw is None:
             return None
         features = res.ReferenceFeatures()
-        json_format.ParseDict(_json_loads(raw), features, ignore_unknown_fields=True)
+        json_format.ParseDict(json_column(raw), features, ignore_unknown_fields=True)
         features.content_id = content_id
         return features
 
@@ -379,7 +367,7 @@ class KZoneStore:
                 "AND ($7::text IS NULL OR claim_id = $7)",
                 content_id,
                 job_id,
-                _json(stored),
+                message_json(stored),
                 duration_seconds,
                 tempo_bpm,
                 first_downbeat_seconds,
@@ -518,7 +506,7 @@ class KZoneStore:
                 input_media_uri,
                 job_id,
                 overall,
-                _json(report),
+                message_json(report),
             )
         assert row is not None
         return _result(row).message

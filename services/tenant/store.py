@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any
 
 import asyncpg
 
 from megacity.tenant.v1 import resources_pb2
 from services.runtime.database import TenantScope, tenant_transaction
 from services.runtime.errors import AlreadyExists, ErrorReason, NotFound
+from services.runtime.rows import set_times
 from services.tenant.zones import ORG_STATUS_VALUES, PLAN_VALUES, ZONE_STATUS_VALUES
 
 _ZONE_COLUMNS = """
@@ -29,11 +28,6 @@ _ORG_COLUMNS = """
 """
 
 
-def _timestamp(target: Any, value: datetime | None) -> None:
-    if value is not None:
-        target.FromDatetime(value)
-
-
 def zone_message(row: asyncpg.Record) -> resources_pb2.Zone:
     zone = resources_pb2.Zone(
         id=row["zone_id"],
@@ -45,8 +39,7 @@ def zone_message(row: asyncpg.Record) -> resources_pb2.Zone:
         default_locale=row["default_locale"],
         supported_locales=row["supported_locales"],
     )
-    _timestamp(zone.create_time, row["create_time"])
-    _timestamp(zone.update_time, row["update_time"])
+    set_times(zone, row, ("create_time", "update_time"))
     return zone
 
 
@@ -61,9 +54,7 @@ def organization_message(row: asyncpg.Record) -> resources_pb2.Organization:
         contact_email=row["contact_email"],
         suspend_reason=row["suspend_reason"],
     )
-    _timestamp(organization.suspend_time, row["suspend_time"])
-    _timestamp(organization.create_time, row["create_time"])
-    _timestamp(organization.update_time, row["update_time"])
+    set_times(organization, row, ("suspend_time", "create_time", "update_time"))
     return organization
 
 
