@@ -11,10 +11,7 @@ they must be the whole document, so a newly built or newly added RPC fails here 
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -697,29 +694,9 @@ async def _send_file(
     query: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """An upload as clients send it: the raw file as the body with its Content-Type (an HttpBody), the other
-    fields in the path and the query string (the JSON-only Scenario does not send this)."""
-    operation = operations()[operation_id]
-    target = operation.template
-    for name, value in (path or {}).items():
-        target = target.replace(f"{{{name}}}", value)
-    if query:
-        target += "?" + urllib.parse.urlencode(query)
-    headers = {"Host": KZONE, "Content-Type": content_type, "Authorization": f"Bearer {token}"}
-
-    def send() -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", api.edge.port, timeout=60)
-        try:
-            connection.request(operation.method, target, body=data, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    status, raw = await asyncio.to_thread(send)
-    assert status == 200, f"{operation_id}: HTTP {status} {raw[:300]!r}"
-    api.succeeded.add(operation.operation_id)
-    body: dict[str, Any] = json.loads(raw)
-    return body
+    fields in the path and the query string."""
+    headers = {"Content-Type": content_type}
+    return await api.ok(operation_id, token=token, host=KZONE, path=path, query=query, body=data, headers=headers)
 
 
 @pytest.fixture

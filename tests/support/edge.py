@@ -41,9 +41,11 @@ class Edge:
     port: int
 
     def _call(self, method: str, path: str, host: str, body: object, headers: dict[str, str]) -> Reply:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        # Uploads are analysed by real models before the answer: a minute is enough for every call.
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            payload = None if body is None else json.dumps(body)
+            # Bytes go as they are (a file upload, with its own Content-Type); anything else as JSON.
+            payload = body if isinstance(body, bytes) or body is None else json.dumps(body)
             connection.request(method, path, body=payload, headers={"Host": host, **headers})
             response = connection.getresponse()
             raw = response.read()
