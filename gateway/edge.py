@@ -109,15 +109,8 @@ def wait_until_ready(admin_port: int, process: subprocess.Popen[bytes], log: Pat
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"envoy exited with {process.returncode}: {log.read_text(errors='replace')[-3000:]}")
-        connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
-        try:
-            connection.request("GET", "/ready")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        finally:
-            connection.close()
+        if _admin(admin_port, "GET", "/ready") is not None:
+            return
         time.sleep(0.1)
     raise RuntimeError(f"envoy was not ready after {timeout:g}s: {log.read_text(errors='replace')[-3000:]}")
 
