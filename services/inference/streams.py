@@ -308,3 +308,16 @@ async def first_config(reader: RequestReader[Q], placement: str) -> Q:
             reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
         )
     return first
+
+
+def require_payload(request: Message, payload: str, index: int) -> None:
+    """A stream's message after the first carries `payload` (the other member of its `request` oneof than the
+    config); INVALID_ARGUMENT (STREAM_PROTOCOL) otherwise. `index` counts the stream's messages."""
+    kind = request.WhichOneof("request")
+    if kind != payload:
+        detail = f"message {index} must carry {payload}, not {kind or 'nothing'}"
+        raise InvalidArgument(
+            f"only the first message of a stream carries a config; {detail}",
+            [(payload, detail)],
+            reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
+        )

@@ -66,7 +66,7 @@ from megacity.kzone.v1 import resources_pb2 as res
 from megacity.pose.v1 import pose_service_pb2 as pose_pb
 from megacity.pose.v1 import pose_service_pb2_grpc
 from megacity.pose.v1 import resources_pb2 as pose_res
-from services.inference.streams import RequestReader, StreamSlots, first_config, frame_timestamp_ms
+from services.inference.streams import RequestReader, StreamSlots, first_config, frame_timestamp_ms, require_payload
 from services.kzone import contents
 from services.kzone.choreography import (
     LANDMARK_COUNT,
@@ -843,12 +843,7 @@ class _LiveSession:
         index = 0
         while (request := await self._reader.next()) is not None:
             index += 1
-            if request.WhichOneof("request") != "frame":
-                raise InvalidArgument(
-                    f"message {index} must carry a frame, not a config",
-                    [("frame", "every message after the first carries a frame")],
-                    reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
-                )
+            require_payload(request, "frame", index)
             previous_ms, aspect = check_video_frame(request.frame, previous_ms, index)
             self._aspect[index] = aspect
             await self._to_pose.put(_pose_frame_of(request.frame, index))

@@ -55,7 +55,7 @@ from megacity.asr.v1 import asr_service_pb2_grpc
 from megacity.asr.v1 import resources_pb2 as asr_res
 from megacity.kzone.v1 import kzone_service_pb2 as pb
 from megacity.kzone.v1 import resources_pb2 as res
-from services.inference.streams import RequestReader, StreamSlots, first_config
+from services.inference.streams import RequestReader, StreamSlots, first_config, require_payload
 from services.kzone import contents
 from services.kzone.decoding import UndecodableMedia, decode_audio
 from services.kzone.pitch import PitchFrames, PitchTracker, concatenate_frames, track_pitch
@@ -626,13 +626,7 @@ class _LiveSession:
             index += 1
             if request is None:
                 break
-            kind = request.WhichOneof("request")
-            if kind != "audio":
-                raise InvalidArgument(
-                    "only the first message of a stream carries a config; the rest carry audio",
-                    [("audio", f"message {index} must carry audio, not {kind or 'nothing'}")],
-                    reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
-                )
+            require_payload(request, "audio", index)
             if len(request.audio) > MAX_CHUNK_BYTES:
                 raise InvalidArgument(
                     f"audio chunk of {len(request.audio)} bytes exceeds {MAX_CHUNK_BYTES}",

@@ -10,6 +10,7 @@ import numpy as np
 from megacity.asr.v1 import asr_service_pb2 as pb
 from megacity.asr.v1 import resources_pb2 as res
 from services.inference.asr.streaming import Samples
+from services.inference.streams import require_payload
 from services.runtime.errors import ErrorReason, FailedPrecondition, InvalidArgument, Violations
 
 SAMPLE_RATE = 16_000
@@ -57,14 +58,8 @@ def _raise(problems: Violations, message: str) -> None:
         )
 
 
-def stream_config(request: pb.TranscribeRequest | None) -> res.RecognitionConfig:
-    """The config that must open a stream."""
-    if request is None or request.WhichOneof("request") != "config":
-        raise InvalidArgument(
-            "the first message of a stream must carry its config",
-            [("config", "required in the first message, before any audio")],
-            reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
-        )
+def stream_config(request: pb.TranscribeRequest) -> res.RecognitionConfig:
+    """The config that opened a stream (services.inference.streams.first_config), checked."""
     _raise(config_violations(request.config, "config"), "the stream's config is invalid")
     return request.config
 
@@ -92,13 +87,7 @@ def pcm16(data: bytes) -> Samples:
 
 def stream_audio(request: pb.TranscribeRequest, index: int) -> Samples:
     """The audio of the stream's message number `index` (0 is the config)."""
-    kind = request.WhichOneof("request")
-    if kind != "audio":
-        raise InvalidArgument(
-            "only the first message of a stream carries a config; the rest carry audio",
-            [("audio", f"message {index} must carry audio, not {kind or 'nothing'}")],
-            reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL,
-        )
+    require_payload(request, "audio", index)
     size = len(request.audio)
     if size > MAX_CHUNK_BYTES:
         raise InvalidArgument(

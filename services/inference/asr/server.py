@@ -31,7 +31,7 @@ from megacity.asr.v1 import resources_pb2 as res
 from services.inference.asr import requests
 from services.inference.asr.engine import AsrSettings, DecodeBatcher, DecodeOptions, WhisperEngine
 from services.inference.asr.streaming import Event, Hypothesis, Partial, PolicyParams, Samples, StreamPolicy, Word
-from services.inference.streams import ModelHost, RequestReader, StreamSlots, duration, lifetime
+from services.inference.streams import ModelHost, RequestReader, StreamSlots, duration, first_config, lifetime
 from services.runtime.context import StreamingContext, UnaryContext
 from services.runtime.server import Dependencies, ServicerBinding
 
@@ -116,7 +116,7 @@ class AsrServicer(asr_service_pb2_grpc.AsrServiceServicer):
                 idle_timeout=settings.idle_timeout,
             )
             async with reader:
-                first = await reader.next()
+                first = await first_config(reader, "required in the first message, before any audio")
                 config = requests.stream_config(first)
                 language = requests.language_for(config, engine)
                 # The slot is taken once the config is in: a refusal reaches a client that waits after its config

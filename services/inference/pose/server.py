@@ -27,7 +27,16 @@ from megacity.pose.v1 import pose_service_pb2 as pb
 from megacity.pose.v1 import pose_service_pb2_grpc
 from megacity.pose.v1 import resources_pb2 as res
 from services.inference.pose.engine import PoseModel, PoseOptions, PoseSettings, VideoSession
-from services.inference.streams import ModelHost, RequestReader, StreamSlots, duration, frame_timestamp_ms, lifetime
+from services.inference.streams import (
+    ModelHost,
+    RequestReader,
+    StreamSlots,
+    duration,
+    first_config,
+    frame_timestamp_ms,
+    lifetime,
+    require_payload,
+)
 from services.runtime.context import StreamingContext, UnaryContext
 from services.runtime.errors import ErrorReason, InvalidArgument, Violations
 from services.runtime.server import Dependencies, ServicerBinding
@@ -75,10 +84,6 @@ def check_frame(frame: res.Frame, field: str, max_bytes: int) -> None:
         )
 
 
-def _protocol_error(description: str, field: str) -> InvalidArgument:
-    return InvalidArgument(description, [(field, description)], reason=ErrorReason.ERROR_REASON_STREAM_PROTOCOL)
-
-
 class PoseServicer(pose_service_pb2_grpc.PoseServiceServicer):
     def __init__(self, settings: PoseSettings, host: ModelHost[PoseModel], executor: ThreadPoolExecutor) -> None:
         self._settings = settings
@@ -110,9 +115,7 @@ class PoseServicer(pose_service_pb2_grpc.PoseServiceServicer):
                 idle_timeout=settings.idle_timeout,
             )
             async with reader:
-                first = await reader.next()
-                if first is None or first.WhichOneof("request") != "config":
-                    raise _protocol_error("the first message of a stream must carry its config", "config")
+                first = await first_config(reader, "required in the first message, before any frame")
                 session = model.video(pose_options(first.config, "config"))
                 # The slot is taken once the config is in: a refusal reaches a client that waits after its config
                 # (grpc's asyncio client reports a status that arrives while it writes as INTERNAL, grpc/grpc#36066).
@@ -122,8 +125,7 @@ class PoseServicer(pose_service_pb2_grpc.PoseServiceServicer):
                     previous_ms: int | None = None
                     while (request := await reader.next()) is not None:
                         index += 1
-                        if request.WhichOneof("request") != "frame":
-                            raise _protocol_error(f"message {index} must carry a frame, not a config", "frame")
+                        require_payload(request, "frame", index)
                         frame = request.frame
                         check_frame(frame, "frame", settings.max_frame_bytes)
                         stamp = frame.timestamp if frame.HasField("timestamp") else None
